@@ -52,7 +52,13 @@ class NoiseSchedule(nn.Module):
 
     @staticmethod
     def _tables() -> tuple[str, ...]:
-        return ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sigma_bar")
+        return (
+            "betas",
+            "alphas_cumprod",
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+            "sigma_bar",
+        )
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
@@ -88,9 +94,10 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Diffuse ``x0`` (in [-1, 1]) to step ``t``: ``sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``."""
-        return self.extract("sqrt_alphas_cumprod", t, x0) * x0 + self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x0
-        ) * noise
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """``(x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)``."""

@@ -3,8 +3,8 @@
 Conventions shared by all operators (see ``docs/CONTRACTS.md``):
 
 - images ``x`` are ``[N, C, H, W]`` float tensors in [0, 1] space, measurements ``y`` are ``[N, C, h, w]``;
-- ``prox(z, y, rho)`` returns ``argmin_x ||y - H x||^2 + rho ||x - z||^2`` (no factor 1/2 on either term), with
-  ``rho`` a positive float or a tensor of shape ``[N]`` (one value per image);
+- ``prox(z, y, rho)`` returns ``argmin_x ||y - H x||^2 + rho ||x - z||^2`` (no factor 1/2 on either term),
+  with ``rho`` a positive float or a tensor of shape ``[N]`` (one value per image);
 - per-image parameters (kernels ``[N, kh, kw]``, masks ``[N, 1|C, H, W]``) apply image by image; a single one
   is shared by the whole batch.
 """
@@ -46,7 +46,8 @@ class Operator(nn.Module):
     """A degradation ``y = H(x)`` with its adjoint and data-consistency proximal step.
 
     Subclasses implement :meth:`forward` (and :meth:`adjoint` when linear) and usually override :meth:`prox`
-    with a closed form; the base :meth:`prox` solves the normal equations by conjugate gradients (:meth:`prox_cg`).
+    with a closed form; the base :meth:`prox` solves the normal equations by conjugate gradients
+    (:meth:`prox_cg`).
 
     Attributes:
         linear: whether ``H`` is linear (then :meth:`adjoint` exists and the CG prox is exact).
@@ -63,31 +64,31 @@ class Operator(nn.Module):
         self.cg_max_iter = int(cg_max_iter)
         self.last_cg_iterations = 0
 
-    # ----------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     # The interface
     def forward(self, x: Tensor) -> Tensor:
         """``y = H(x)``: ``x`` ``[N, C, H, W]`` in [0, 1] space to a measurement ``[N, C, h, w]``."""
         raise NotImplementedError
 
     def adjoint(self, y: Tensor) -> Tensor:
-        """``H^T y``: a measurement ``[N, C, h, w]`` to image space ``[N, C, H, W]`` (linear operators only)."""
+        """``H^T y``: a measurement ``[N, C, h, w]`` to image space ``[N, C, H, W]`` (linear only)."""
         raise NotImplementedError(f"{type(self).__name__} has no adjoint (it is not a linear operator)")
 
     def x_shape(self, y_shape: Shape) -> torch.Size:
-        """The image shape ``[N, C, H, W]`` whose measurement has shape ``y_shape`` (same shape by default)."""
+        """The image shape ``[N, C, H, W]`` of a measurement of shape ``y_shape`` (by default the same)."""
         return torch.Size(y_shape)
 
     def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
         """``argmin_x ||y - H x||^2 + rho ||x - z||^2`` for ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, h, w]``.
 
-        ``rho`` is a positive float or a tensor ``[N]``. The base class solves ``(H^T H + rho I) x = H^T y + rho z``
-        with :meth:`prox_cg`.
+        ``rho`` is a positive float or a tensor ``[N]``. The base class solves
+        ``(H^T H + rho I) x = H^T y + rho z`` with :meth:`prox_cg`.
         """
         return self.prox_cg(z, y, rho)
 
     def check(self, y: Tensor) -> None:
-        """Raise ``ValueError`` when ``y`` cannot be a measurement of this operator (ndim, dtype, batch, channels,
-        spatial size, non-finite values), with a message saying what does not fit and what to do."""
+        """Raise ``ValueError`` when ``y`` cannot be a measurement of this operator (ndim, dtype, batch,
+        channels, spatial size, non-finite values), with a message saying what does not fit and what to do."""
         check_measurement(y)
         self._check_shape(y)
         check_finite(y, "y")
@@ -107,7 +108,7 @@ class Operator(nn.Module):
             return (num / den.clamp_min(1e-8)).clamp(0, 1)
         return torch.full(shape, 0.5, dtype=y.dtype, device=y.device)
 
-    # ----------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     # Helpers for subclasses
     def _check_shape(self, y: Tensor) -> None:
         """Subclass hook: shape checks of a measurement beyond ``[N, C, h, w]`` (batch, channels, size)."""
@@ -115,11 +116,13 @@ class Operator(nn.Module):
     def prox_cg(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
         """The proximal step by batched conjugate gradients on ``(H^T H + rho I) x = H^T y + rho z``.
 
-        Each image converges on its own (``||r_i|| <= cg_tol ||b_i||``); converged images stop moving while the
-        others continue, up to ``cg_max_iter`` iterations. Starts from ``z``. Needs a linear ``H``.
+        Each image converges on its own (``||r_i|| <= cg_tol ||b_i||``); converged images stop moving while
+        the others continue, up to ``cg_max_iter`` iterations. Starts from ``z``. Needs a linear ``H``.
         """
         if not self.linear:
-            raise NotImplementedError(f"{type(self).__name__} is not linear: conjugate gradients do not apply")
+            raise NotImplementedError(
+                f"{type(self).__name__} is not linear: conjugate gradients do not apply"
+            )
         r_ = rho_view(rho, z)
 
         def normal(v: Tensor) -> Tensor:
@@ -193,7 +196,7 @@ def check_finite(t: Tensor, name: str) -> None:
 
 
 def check_batch(param_batch: int, n: int, what: str, single: str, per_image: str) -> None:
-    """Raise ``ValueError`` unless a per-image parameter of batch ``param_batch`` fits a batch of ``n`` images."""
+    """Raise ``ValueError`` unless a parameter of batch ``param_batch`` fits a batch of ``n`` images."""
     if param_batch not in (1, n):
         raise ValueError(
             f"{what} batch {param_batch} does not match the image batch {n}: give one {what} {single} "

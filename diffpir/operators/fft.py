@@ -1,8 +1,8 @@
 """Circular convolution by FFT: kernel validation, ``psf2otf`` and a base class for kernel-based operators.
 
-Convolution convention: ``(k * x)[i, j] = sum_{a, b} k[c_h + a, c_w + b] x[(i - a) mod H, (j - b) mod W]`` with
-the kernel centre ``(c_h, c_w) = (kh // 2, kw // 2)`` (a true convolution, as ``scipy.ndimage.convolve(...,
-mode='wrap')``, not a correlation; the same for symmetric kernels).
+Convolution convention: ``(k * x)[i, j] = sum_{a, b} k[c_h + a, c_w + b] x[(i - a) mod H, (j - b) mod W]``
+with the kernel centre ``(c_h, c_w) = (kh // 2, kw // 2)`` (a true convolution, as
+``scipy.ndimage.convolve(..., mode='wrap')``, not a correlation; the same for symmetric kernels).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def as_kernel(kernel: Tensor | np.ndarray, normalize: bool = True, name: str = "
 
     Args:
         kernel: ``[kh, kw]`` (shared by all images) or ``[N, kh, kw]`` (one per image), odd sizes, finite.
-        normalize: divide each kernel by its sum (the blur then preserves the mean brightness). A kernel whose sum
-            is off one by more than 1e-4 triggers a ``UserWarning`` saying so; a sum that is not positive raises.
-            With ``normalize=False`` the kernel is used as given.
+        normalize: divide each kernel by its sum (the blur then preserves the mean brightness). A kernel whose
+            sum is off one by more than 1e-4 triggers a ``UserWarning`` saying so; a sum that is not positive
+            raises. With ``normalize=False`` the kernel is used as given.
     """
     k = torch.as_tensor(np.asarray(kernel) if not isinstance(kernel, Tensor) else kernel)
     if not k.is_floating_point():
@@ -80,9 +80,9 @@ def psf2otf(kernel: Tensor, height: int, width: int, full: bool = False) -> Tens
 class KernelOperator(Operator):
     """Base of the operators built on one circular-convolution kernel (shared or per image).
 
-    Holds the kernel as a non-persistent buffer ``kernel`` ``[Nk, kh, kw]`` and caches its transfer function per
-    ``(H, W, device, dtype, full)``; the cache is dropped when the module moves (``.to()``) and keyed on the
-    kernel's version counter, so an in-place edit of ``kernel`` is seen.
+    Holds the kernel as a non-persistent buffer ``kernel`` ``[Nk, kh, kw]`` and caches its transfer function
+    per ``(H, W, device, dtype, full)``; the cache is dropped when the module moves (``.to()``) and keyed on
+    the kernel's version counter, so an in-place edit of ``kernel`` is seen.
     """
 
     kernel: Tensor
@@ -97,7 +97,8 @@ class KernelOperator(Operator):
         return super()._apply(fn, recurse)
 
     def otf(self, height: int, width: int, like: Tensor, full: bool = False) -> Tensor:
-        """The cached transfer function for ``height x width`` images on ``like``'s device (see :func:`psf2otf`)."""
+        """The cached transfer function for ``height x width`` images on ``like``'s device (see
+        :func:`psf2otf`)."""
         dtype = work_dtype(like)
         key = (height, width, like.device, dtype, full, self.kernel._version)
         otf = self._otf_cache.get(key)
@@ -113,7 +114,8 @@ class KernelOperator(Operator):
         kh, kw = self.kernel.shape[-2:]
         if kh > height or kw > width:
             raise ValueError(
-                f"kernel {kh}x{kw} is larger than the image {height}x{width}: use a smaller kernel or a larger image"
+                f"kernel {kh}x{kw} is larger than the image {height}x{width}: "
+                f"use a smaller kernel or a larger image"
             )
 
     def _check_kernel_batch(self, n: int) -> None:

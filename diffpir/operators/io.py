@@ -11,13 +11,29 @@ from torch import Tensor
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _read_gray(path: Path) -> Tensor:
+    """An image file as grayscale float64 ``[h, w]`` in [0, 1], 16-bit images at full precision.
+
+    Read with Pillow (a dependency of torchvision, whose own ``torchvision.io`` decoders are deprecated from
+    torchvision 0.29).
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):
+            arr = np.asarray(img, dtype=np.float64) / 65535.0
+        else:
+            arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    return torch.from_numpy(arr.copy())
+
+
 def load_array(path: str | Path, what: str) -> Tensor:
     """Read a 2-D float64 array ``[h, w]`` from a file.
 
-    ``.npy``: ``numpy.load(allow_pickle=False)``; ``.pt``/``.pth``: ``torch.load(weights_only=True)`` of a tensor
-    (or a dict with one tensor); images (PNG, JPEG, ...): decoded by ``torchvision.io`` as grayscale, scaled to
-    [0, 1]. Leading singleton dimensions are dropped. Raises ``ValueError`` naming the file when it is missing,
-    unreadable or not 2-D.
+    ``.npy``: ``numpy.load(allow_pickle=False)``; ``.pt``/``.pth``: ``torch.load(weights_only=True)`` of a
+    tensor (or a dict holding one tensor); images (PNG, JPEG, ...): grayscale, scaled to [0, 1]. Leading
+    singleton dimensions are dropped. Raises ``ValueError`` naming the file (and ``what`` it should hold) when
+    it is missing, unreadable or not 2-D.
     """
     path = Path(path)
     if not path.is_file():
@@ -37,18 +53,16 @@ def load_array(path: str | Path, what: str) -> Tensor:
                 raise ValueError(f"expected a tensor, got {type(obj).__name__}")
             arr = obj.detach().to(torch.float64)
         elif suffix in IMAGE_SUFFIXES:
-            from torchvision.io import ImageReadMode, decode_image
-
-            img = decode_image(str(path), mode=ImageReadMode.GRAY)
-            arr = img.to(torch.float64) / (65535.0 if img.dtype == torch.uint16 else 255.0)
+            arr = _read_gray(path)
         else:
-            raise ValueError(f"unknown file type {suffix!r}; use .npy, .pt/.pth or an image ({', '.join(IMAGE_SUFFIXES)})")
+            kinds = ", ".join(IMAGE_SUFFIXES)
+            raise ValueError(f"unknown file type {suffix!r}; use .npy, .pt/.pth or an image ({kinds})")
     except ValueError as err:
         raise ValueError(f"cannot read {what} file {str(path)!r}: {err}") from err
-    except Exception as err:  # corrupt files: numpy, torch and torchvision raise assorted errors
+    except Exception as err:  # corrupt files: numpy, torch and Pillow raise assorted errors
         raise ValueError(f"cannot read {what} file {str(path)!r}: {type(err).__name__}: {err}") from err
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise ValueError(f"{what} file {str(path)!r} holds an array of shape {tuple(arr.shape)}, expected [h, w]")
+        raise ValueError(f"{what} file {str(path)!r} holds an array of shape {tuple(arr.shape)}, not [h, w]")
     return arr

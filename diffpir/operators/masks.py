@@ -25,8 +25,8 @@ def box_mask(
     margin: int = 16,
     generator: torch.Generator | int | None = None,
 ) -> Tensor:
-    """A mask ``[1, h, w]`` missing one ``box`` rectangle at a uniformly random place at least ``margin`` pixels
-    from every border (the paper's protocol: a 128x128 box on 256x256 images, 16 px margin)."""
+    """A mask ``[1, h, w]`` missing one ``box`` rectangle at a uniformly random place at least ``margin``
+    pixels from every border (the paper's protocol: a 128x128 box on 256x256 images, 16 px margin)."""
     bh, bw = _pair(box)
     if bh < 0 or bw < 0 or margin < 0:
         raise ValueError(f"box {bh}x{bw} and margin {margin} must be non-negative")
@@ -59,11 +59,11 @@ def random_mask(
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: float = 0.5) -> Tensor:
-    """Read a user mask image (or ``.npy``/``.pt``) as ``[1, h, w]``: white (value > ``threshold`` on the [0, 1]
-    scale) = known pixel = 1, black = missing = 0.
+    """Read a user mask image (or ``.npy``/``.pt``) as ``[1, h, w]``: white (value above
+    ``threshold`` on the [0, 1] scale) = known pixel = 1, black = missing = 0.
 
-    Raises ``ValueError`` when the file is missing or unreadable, or when ``size=(h, w)`` is given and the mask
-    has another size.
+    Raises ``ValueError`` when the file is missing or unreadable, or when ``size=(h, w)`` is given and the
+    mask has another size.
     """
     arr = load_array(path, "mask")
     if size is not None and tuple(arr.shape) != tuple(size):

@@ -1,0 +1,113 @@
+"""Sampler overhead: DiffPIR at N NFEs against N bare calls of the same network on the same batch.
+
+    python bench/sampler_overhead.py [--size 256] [--steps 100] [--preset small] [--repeats 3]
+
+Prints, per task, the median seconds of both and the overhead in percent; writes bench/results/sampler_overhead.json.
+Timings are interleaved (bare, sampler, bare, sampler, ...) so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffpir import DiffPIR, NoiseSchedule
+from diffpir.models import build_unet
+from diffpir.operators import (
+    Bicubic,
+    Blur,
+    Denoise,
+    Downsample,
+    Inpaint,
+    box_mask,
+    gaussian_kernel,
+    motion_kernel,
+    random_mask,
+)
+from diffpir.prior import Prior
+
+
+def tasks(size: int, g: torch.Generator) -> dict[str, tuple[object, float]]:
+    return {
+        "denoise": (Denoise(), 0.1),
+        "inpaint_box": (Inpaint(box_mask(size, size, box=size // 2, margin=size // 16, generator=g)), 0.0),
+        "inpaint_random": (Inpaint(random_mask(size, size, missing=0.8, generator=g)), 0.0),
+        "deblur_gaussian": (Blur(gaussian_kernel(61, 3.0)), 0.05),
+        "deblur_motion": (Blur(motion_kernel(61, 0.5, generator=g)), 0.05),
+        "sr_x4_kernel": (Downsample(4, gaussian_kernel(13, 1.6)), 0.05),
+        "sr_x4_bicubic": (Bicubic(4), 0.05),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tasks", nargs="*", default=None)
+    ap.add_argument("--out", default="bench/results/sampler_overhead.json")
+    args = ap.parse_args()
+
+    g = torch.Generator().manual_seed(0)
+    schedule = NoiseSchedule.linear()
+    net = build_unet(args.preset).eval()
+    prior = Prior(net, schedule)
+    x = torch.rand(args.batch, net.config["in_channels"], args.size, args.size, generator=g)
+    sampler = DiffPIR(schedule, steps=args.steps, lambda_=7.0, zeta=0.3)
+    nfe = sampler.nfe
+    t_batch = torch.full((args.batch,), 500, dtype=torch.long)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(nfe):
+                prior(x * 2 - 1, t_batch)
+        return time.perf_counter() - start
+
+    rows = []
+    all_tasks = tasks(args.size, g)
+    for name in args.tasks or list(all_tasks):
+        op, sigma_n = all_tasks[name]
+        y = op(x) + sigma_n * torch.randn(op(x).shape, generator=g)
+
+        def run(op=op, y=y, sigma_n=sigma_n) -> float:
+            start = time.perf_counter()
+            sampler(y, op, prior, sigma_n=sigma_n, generator=torch.Generator().manual_seed(1))
+            return time.perf_counter() - start
+
+        bare()  # warm-up
+        run()
+        b, s = [], []
+        for _ in range(args.repeats):
+            b.append(bare())
+            s.append(run())
+        bm, sm = statistics.median(b), statistics.median(s)
+        row = {"task": name, "nfe": nfe, "bare_s": bm, "sampler_s": sm, "overhead_pct": 100 * (sm - bm) / bm}
+        rows.append(row)
+        print(f"{name:16s} nfe={nfe}  bare {bm:7.2f} s  sampler {sm:7.2f} s  overhead {row['overhead_pct']:+6.2f} %")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "preset": args.preset,
+        "params": sum(p.numel() for p in net.parameters()),
+        "size": args.size,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

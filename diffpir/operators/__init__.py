@@ -1,0 +1,40 @@
+"""Degradation operators ``y = H(x)`` with adjoints and closed-form proximal steps.
+
+Every operator is a :class:`Operator` (an ``nn.Module``): ``forward(x)``, ``adjoint(y)``, ``prox(z, y, rho)``
+``= argmin_x ||y - H x||^2 + rho ||x - z||^2``, ``x_shape(y_shape)``, ``check(y)`` and
+``initial_estimate(y)``. Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a small example of
+each kind.
+"""
+
+from diffpir.operators.base import Operator, as_generator
+from diffpir.operators.blur import Blur
+from diffpir.operators.fft import KernelOperator, as_kernel, psf2otf
+from diffpir.operators.generic import LinearOperator, NonlinearOperator
+from diffpir.operators.kernels import gaussian_kernel, load_kernel, motion_kernel
+from diffpir.operators.masks import box_mask, load_mask, random_mask
+from diffpir.operators.pointwise import Denoise, Inpaint
+from diffpir.operators.registry import OPERATORS
+from diffpir.operators.sr import Bicubic, Downsample, imresize_matrix
+
+__all__ = [
+    "OPERATORS",
+    "Bicubic",
+    "Blur",
+    "Denoise",
+    "Downsample",
+    "Inpaint",
+    "KernelOperator",
+    "LinearOperator",
+    "NonlinearOperator",
+    "Operator",
+    "as_generator",
+    "as_kernel",
+    "box_mask",
+    "gaussian_kernel",
+    "imresize_matrix",
+    "load_kernel",
+    "load_mask",
+    "motion_kernel",
+    "psf2otf",
+    "random_mask",
+]

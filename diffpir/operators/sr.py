@@ -1,0 +1,259 @@
+"""Super-resolution degradations: kernel-then-decimate (USRNet closed form) and MATLAB-style bicubic
+downsampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffpir.operators.base import Operator, Shape, check_measurement, rho_view, work_dtype
+from diffpir.operators.fft import KernelOperator
+
+
+def _check_scale(scale: int) -> int:
+    if isinstance(scale, bool) or int(scale) != scale or int(scale) < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    return int(scale)
+
+
+def _check_divides(scale: int, h: int, w: int) -> None:
+    if h % scale or w % scale:
+        raise ValueError(
+            f"scale {scale} does not divide the image size {h}x{w}: "
+            f"crop or pad the image to a multiple of {scale}"
+        )
+
+
+def _upsample_bicubic(y: Tensor, scale: int) -> Tensor:
+    """Bicubic upsampling by ``scale`` (``torch`` interpolate, ``align_corners=False``), clamped to [0, 1]."""
+    if scale == 1:
+        return y.clamp(0, 1)
+    up = F.interpolate(y.to(work_dtype(y)), scale_factor=scale, mode="bicubic", align_corners=False)
+    return up.clamp(0, 1).to(y.dtype)
+
+
+class Downsample(KernelOperator):
+    """``y = (k * x) downsampled by s``: circular convolution, then the top-left sample of every ``s x s``
+    block (``y[i, j] = (k * x)[s i, s j]``, as USRNet's ``downsample``).
+
+    Args:
+        scale: the integer factor ``s``; it must divide the image height and width.
+        kernel: ``[kh, kw]`` or ``[N, kh, kw]`` (odd sizes; see :class:`~diffpir.operators.Blur`), or ``None``
+            for the identity (pure decimation).
+        normalize: divide the kernel by its sum (with a warning when it did not sum to one).
+
+    ``prox(z, y, rho) = argmin_x ||y - S(k * x)||^2 + rho ||x - z||^2`` (``S``: the decimation) by the
+    closed form of Zhang et al. 2020 (USRNet, after Zhao et al. 2016). With ``K = F(k)`` on the ``H x W``
+    grid, ``d = conj(K) F(S^T y) + rho F(z)`` and ``mean_b`` the mean over the ``s x s`` blocks (each
+    ``H/s x W/s``) of a spectrum, replicated back to ``H x W``:
+
+        ``x = F^-1[(d - conj(K) mean_b(K d) / (mean_b(|K|^2) + rho)) / rho]``.
+
+    It follows from Woodbury's identity, as ``F S^T S F^-1`` is ``1/s^2`` times the block-sum-and-replicate
+    map.
+    """
+
+    def __init__(self, scale: int, kernel: Tensor | np.ndarray | None = None, normalize: bool = True, **cg):
+        super().__init__(torch.ones(1, 1) if kernel is None else kernel, normalize, **cg)
+        self.scale = _check_scale(scale)
+
+    def x_shape(self, y_shape: Shape) -> torch.Size:
+        n, c, h, w = y_shape
+        return torch.Size((n, c, h * self.scale, w * self.scale))
+
+    def _check_image(self, x: Tensor, name: str) -> None:
+        check_measurement(x, name)
+        self._check_kernel_batch(x.shape[0])
+        _check_divides(self.scale, *x.shape[-2:])
+        self._check_fits(*x.shape[-2:])
+
+    def _check_shape(self, y: Tensor) -> None:
+        self._check_kernel_batch(y.shape[0])
+        kh, kw = self.kernel.shape[-2:]
+        h, w = y.shape[-2] * self.scale, y.shape[-1] * self.scale
+        if kh > h or kw > w:
+            raise ValueError(
+                f"kernel {kh}x{kw} is larger than the {h}x{w} image of a "
+                f"{y.shape[-2]}x{y.shape[-1]} measurement at scale {self.scale}"
+            )
+
+    def _upsample_zero(self, y: Tensor) -> Tensor:
+        n, c, h, w = y.shape
+        s = self.scale
+        u = y.new_zeros(n, c, h * s, w * s)
+        u[..., ::s, ::s] = y
+        return u
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` to ``[N, C, H/s, W/s]``."""
+        self._check_image(x, "x")
+        if self.kernel.shape[-2:] == (1, 1):  # pure decimation (times a per-image scalar): no FFT
+            k = self.kernel.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+            return k * x[..., :: self.scale, :: self.scale]
+        h, w = x.shape[-2:]
+        blurred = torch.fft.irfft2(self.otf(h, w, x) * torch.fft.rfft2(x.to(work_dtype(x))), s=(h, w))
+        return blurred[..., :: self.scale, :: self.scale].to(x.dtype)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """Zero-upsampling then correlation with ``k``: ``[N, C, h, w]`` to ``[N, C, s h, s w]``."""
+        u = self._upsample_zero(y.to(work_dtype(y)))
+        self._check_image(u, "x")
+        if self.kernel.shape[-2:] == (1, 1):
+            return (self.kernel.to(device=u.device, dtype=u.dtype).view(-1, 1, 1, 1) * u).to(y.dtype)
+        h, w = u.shape[-2:]
+        return torch.fft.irfft2(self.otf(h, w, u).conj() * torch.fft.rfft2(u), s=(h, w)).to(y.dtype)
+
+    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
+        """The USRNet closed form (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``."""
+        self._check_image(z, "z")
+        n, c, hh, ww = z.shape
+        s = self.scale
+        h, w = hh // s, ww // s
+        zf = z.to(work_dtype(z))
+        r = rho_view(rho, zf)
+        k = self.otf(hh, ww, zf, full=True)  # [Nk, 1, H, W] complex
+        d = k.conj() * torch.fft.fft2(self._upsample_zero(y.to(zf.dtype))) + r * torch.fft.fft2(zf)
+        kd = (k * d).view(n, c, s, h, s, w).mean(dim=(2, 4))
+        k2 = k.abs().square().view(k.shape[0], 1, s, h, s, w).mean(dim=(2, 4))
+        q = (kd / (k2 + r)).repeat(1, 1, s, s)
+        x = torch.fft.ifft2((d - k.conj() * q) / r).real
+        return x.to(z.dtype)
+
+    def initial_estimate(self, y: Tensor) -> Tensor:
+        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
+        return _upsample_bicubic(y, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, kernel={tuple(self.kernel.shape)}"
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with ``a = -0.5`` (MATLAB's ``cubic``)."""
+    ax = np.abs(x)
+    ax2, ax3 = ax**2, ax**3
+    inner = (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1)
+    outer = (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2))
+    return inner + outer
+
+
+def imresize_matrix(in_length: int, scale: float, antialias: bool = True) -> Tensor:
+    """The ``[ceil(in_length * scale), in_length]`` float64 matrix of MATLAB's ``imresize(..., scale,
+    'bicubic')`` along one axis.
+
+    Follows MATLAB's ``contributions``: output pixel ``i`` (1-based) sits at input coordinate
+    ``u = i / scale + (1 - 1 / scale) / 2``; when shrinking with antialiasing the cubic kernel is stretched to
+    ``scale * cubic(scale * t)`` (support ``4 / scale``); the ``ceil(support) + 2`` taps from
+    ``floor(u - support / 2)`` are weighted, normalised to sum to one, and taps outside the image are mirrored
+    (symmetric padding: ``... 2 1 | 1 2 ... n | n n-1 ...``). Every row sums to one.
+    """
+    if in_length < 1 or scale <= 0:
+        raise ValueError(f"in_length must be positive and scale positive, got {in_length}, {scale}")
+    out_length = math.ceil(in_length * scale - 1e-9)
+    width = 4.0
+    if scale < 1 and antialias:
+        width = width / scale
+
+        def kernel(t: np.ndarray) -> np.ndarray:
+            return scale * _cubic(scale * t)
+    else:
+        kernel = _cubic
+    u = np.arange(1, out_length + 1, dtype=np.float64) / scale + 0.5 * (1 - 1 / scale)
+    left = np.floor(u - width / 2)
+    taps = math.ceil(width) + 2
+    idx = left[:, None] + np.arange(taps)[None, :]  # 1-based input indices
+    weights = kernel(u[:, None] - idx)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(1, in_length + 1), np.arange(in_length, 0, -1)])
+    idx = mirror[np.mod(idx.astype(np.int64) - 1, 2 * in_length)] - 1
+    mat = np.zeros((out_length, in_length))
+    np.add.at(mat, (np.repeat(np.arange(out_length), taps), idx.ravel()), weights.ravel())
+    return torch.from_numpy(mat)
+
+
+class Bicubic(Operator):
+    """``y = imresize(x, 1/s, 'bicubic')`` as MATLAB computes it (antialiased cubic, ``a = -0.5``, symmetric
+    borders), written as separable matrices: ``y = W_h x W_w^T`` with ``W_h`` ``[H/s, H]``, ``W_w`` ``[W/s,
+    W]`` (see :func:`imresize_matrix`; cached per size, device and dtype).
+
+    ``prox(z, y, rho) = argmin_x ||y - W_h x W_w^T||^2 + rho ||x - z||^2``, solved exactly: with the float64
+    eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached) and
+    ``R = W_h^T y W_w + rho z``, ``x = U_h [(U_h^T R U_w) / (D_h D_w^T + rho)] U_w^T``.
+
+    Args:
+        scale: integer factor ``s`` dividing the image height and width.
+    """
+
+    def __init__(self, scale: int, **cg):
+        super().__init__(**cg)
+        self.scale = _check_scale(scale)
+        self._mat_cache: dict[tuple, Tensor] = {}
+        self._eig_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _apply(self, fn, recurse=True):
+        self._mat_cache, self._eig_cache = {}, {}
+        return super()._apply(fn, recurse)
+
+    def x_shape(self, y_shape: Shape) -> torch.Size:
+        n, c, h, w = y_shape
+        return torch.Size((n, c, h * self.scale, w * self.scale))
+
+    def matrix(self, length: int, like: Tensor) -> Tensor:
+        """The cached ``[length / s, length]`` resizing matrix on ``like``'s device, in the work dtype."""
+        key = (length, like.device, work_dtype(like))
+        mat = self._mat_cache.get(key)
+        if mat is None:
+            mat = imresize_matrix(length, 1 / self.scale).to(device=like.device, dtype=key[2])
+            self._mat_cache[key] = mat
+        return mat
+
+    def _eig(self, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (length, like.device, work_dtype(like))
+        eig = self._eig_cache.get(key)
+        if eig is None:
+            mat = imresize_matrix(length, 1 / self.scale)
+            d, u = torch.linalg.eigh(mat.T @ mat)
+            eig = (
+                u.to(device=like.device, dtype=key[2]),
+                d.clamp_min(0).to(device=like.device, dtype=key[2]),
+            )
+            self._eig_cache[key] = eig
+        return eig
+
+    def _check_image(self, x: Tensor, name: str) -> None:
+        check_measurement(x, name)
+        _check_divides(self.scale, *x.shape[-2:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` to ``[N, C, H/s, W/s]``."""
+        self._check_image(x, "x")
+        xf = x.to(work_dtype(x))
+        return (self.matrix(x.shape[-2], xf) @ xf @ self.matrix(x.shape[-1], xf).T).to(x.dtype)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``W_h^T y W_w``: ``[N, C, h, w]`` to ``[N, C, s h, s w]``."""
+        check_measurement(y, "y")
+        yf = y.to(work_dtype(y))
+        s = self.scale
+        return (self.matrix(y.shape[-2] * s, yf).T @ yf @ self.matrix(y.shape[-1] * s, yf)).to(y.dtype)
+
+    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
+        """The exact eigen-solution (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``."""
+        self._check_image(z, "z")
+        zf = z.to(work_dtype(z))
+        r = rho_view(rho, zf)
+        rhs = self.adjoint(y.to(zf.dtype)) + r * zf
+        uh, dh = self._eig(z.shape[-2], zf)
+        uw, dw = self._eig(z.shape[-1], zf)
+        coef = (uh.T @ rhs @ uw) / (dh[:, None] * dw[None, :] + r)
+        return (uh @ coef @ uw.T).to(z.dtype)
+
+    def initial_estimate(self, y: Tensor) -> Tensor:
+        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
+        return _upsample_bicubic(y, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
