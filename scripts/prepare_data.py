@@ -1,6 +1,8 @@
 """Prepare the offline datasets: ``python scripts/prepare_data.py {digits,natural,eval,all} [--out data]``.
 
-A thin command line over :mod:`diffpir.datasets`; each step is idempotent and can be rerun.
+A thin command line over :mod:`diffpir.datasets`; each step is idempotent and can be rerun. ``all`` runs
+digits, natural and eval in that order. ``samples`` (not part of ``all``) rewrites the committed demo
+photographs in ``diffpir/assets/samples/`` (a maintainer's step; ``--out`` does not apply to it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ STEPS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="*", default=["all"], choices=[*STEPS, "all"],
-                        help="datasets to prepare (default: all, in the order digits, natural, eval)")
+    parser.add_argument(
+        "what",
+        nargs="*",
+        default=["all"],
+        choices=[*STEPS, "all", "samples"],
+        help="datasets to prepare (default: all = digits, natural, eval)",
+    )
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data/)")
     args = parser.parse_args(argv)
     names = list(STEPS) if "all" in args.what else [n for n in STEPS if n in args.what]
@@ -31,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} -> {args.out / name}", flush=True)
         STEPS[name](args.out)
         print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if "samples" in args.what:
+        datasets.prepare_samples()
     return 0
 
 
