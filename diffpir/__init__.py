@@ -20,6 +20,7 @@ _LAZY = {
     "models": ("diffpir.models", None),
     "Prior": ("diffpir.prior", "Prior"),
     "load_prior": ("diffpir.prior", "load_prior"),
+    "export_prior": ("diffpir.prior", "export_prior"),
 }
 
 

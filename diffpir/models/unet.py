@@ -1,18 +1,19 @@
 """The ADM UNet of guided-diffusion ("Diffusion Models Beat GANs", Dhariwal & Nichol 2021), written anew.
 
-The module tree (and so every ``state_dict`` key and shape) mirrors guided-diffusion's ``UNetModel`` so that the
-official checkpoints (``ffhq_10m.pt``, ``256x256_diffusion_uncond.pt``) load with ``strict=True``:
+The module tree (and so every ``state_dict`` key and shape) mirrors guided-diffusion's ``UNetModel`` so
+that the official checkpoints (``ffhq_10m.pt``, ``256x256_diffusion_uncond.pt``) load with ``strict=True``:
 
 - ``time_embed``: ``Linear(mc, 4 mc), SiLU, Linear(4 mc, 4 mc)`` on the sinusoidal embedding of ``t``;
-- ``input_blocks``: a 3x3 conv, then per level ``num_res_blocks`` x (``ResBlock`` [+ ``AttentionBlock``]) and a
-  downsampling block between levels (a ``ResBlock(down=True)`` with ``resblock_updown``, else a stride-2 conv);
+- ``input_blocks``: a 3x3 conv, then per level ``num_res_blocks`` x (``ResBlock`` [+ ``AttentionBlock``])
+  and a downsampling block between levels (``ResBlock(down=True)`` with ``resblock_updown``, else a
+  stride-2 conv);
 - ``middle_block``: ``ResBlock, AttentionBlock, ResBlock`` (the attention block is left out when
   ``middle_attention=False``, a diffpir addition for fully convolutional nets);
 - ``output_blocks``: per level (reversed) ``num_res_blocks + 1`` x (``ResBlock`` on the concatenated skip
   [+ ``AttentionBlock``]) and an upsampling block;
 - ``out``: ``GroupNorm, SiLU, zero-initialised 3x3 conv``.
 
-Only the unconditional 2-D model is implemented (no class embedding, no fp16 conversion: use autocast instead).
+Only the unconditional 2-D model is implemented (no class embedding, no fp16 conversion: use autocast).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Building blocks
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal timestep embedding, exactly as guided-diffusion's ``timestep_embedding``.
 
@@ -113,7 +114,7 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """x2 downsampling by a stride-2 3x3 conv (``use_conv``) or 2x2 average pooling; parameters under ``op``."""
+    """x2 downsampling by a stride-2 3x3 conv (``use_conv``) or 2x2 average pooling (parameters: ``op``)."""
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
         super().__init__()
@@ -229,8 +230,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class QKVAttentionLegacy(nn.Module):
     """Multi-head attention on a packed ``qkv`` [N, 3 H c, T] laid out per head as ``(heads, qkv, c)``.
 
-    guided-diffusion's default order (``use_new_attention_order=False``): ``qkv.reshape(N * H, 3 c, T)`` then split
-    into q, k, v. Output [N, H c, T]: ``out[:, h c + i, t] = sum_s softmax_s(q_t . k_s / sqrt(c)) v[i, s]``.
+    guided-diffusion's default order (``use_new_attention_order=False``): ``qkv.reshape(N * H, 3 c, T)``
+    then split into q, k, v. Output [N, H c, T]:
+    ``out[:, h c + i, t] = sum_s softmax_s(q_t . k_s / sqrt(c)) v[i, s]`` (q, k, v of head h).
     """
 
     def __init__(self, n_heads: int):
@@ -243,8 +245,8 @@ class QKVAttentionLegacy(nn.Module):
 
 
 class QKVAttention(nn.Module):
-    """Multi-head attention on a packed ``qkv`` [N, 3 H c, T] laid out as ``(qkv, heads, c)`` (the "new" order:
-    ``qkv.chunk(3)`` first, then heads). Output [N, H c, T]."""
+    """Multi-head attention on a packed ``qkv`` [N, 3 H c, T] laid out as ``(qkv, heads, c)`` (the "new"
+    order: ``qkv.chunk(3)`` first, then heads). Output [N, H c, T]."""
 
     def __init__(self, n_heads: int):
         super().__init__()
@@ -287,7 +289,8 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.norm = GroupNorm32(norm_groups, channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        attention = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = attention(self.num_heads)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -303,9 +306,9 @@ class AttentionBlock(nn.Module):
         return (x + h).reshape(n, c, *spatial)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The UNet
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 def default_channel_mult(image_size: int) -> list[int]:
     """guided-diffusion's ``channel_mult=""`` defaults by image size."""
     table = {512: [0.5, 1, 1, 2, 2, 4, 4], 256: [1, 1, 2, 2, 4, 4], 128: [1, 1, 2, 3, 4], 64: [1, 2, 3, 4]}
@@ -324,7 +327,7 @@ class UNet(nn.Module):
     :param out_channels: output channels (C for eps models, 2C for guided-diffusion's learn_sigma models).
     :param num_res_blocks: residual blocks per level (the decoder has one more).
     :param attention_resolutions: feature-map sizes (in pixels at ``image_size``) that get self-attention,
-        as guided-diffusion's ``--attention_resolutions`` flag: ``[16]`` at 256 px means after 4 downsamplings.
+        as guided-diffusion's ``--attention_resolutions`` flag: ``[16]`` at 256 px = after 4 downsamplings.
     :param dropout: dropout rate in the residual blocks.
     :param channel_mult: width multiplier per level; ``len(channel_mult) - 1`` downsamplings.
     :param conv_resample: learned (conv) rather than parameter-free resampling when not ``resblock_updown``.
@@ -340,9 +343,9 @@ class UNet(nn.Module):
         without ``attention_resolutions`` the net is fully convolutional and takes any size divisible by
         :attr:`size_multiple`.
 
-    ``forward(x, t)``: x [N, in_channels, H, W] in [-1, 1], t [N] timesteps (int64, or float) -> [N, out_channels,
-    H, W]. ``config`` holds the constructor kwargs with primitive values (lists, not tuples):
-    ``UNet(**net.config)`` rebuilds the architecture.
+    ``forward(x, t)``: x [N, in_channels, H, W] in [-1, 1], t [N] timesteps (int64, or float)
+    -> [N, out_channels, H, W]. ``config`` holds the constructor kwargs with primitive values (lists, not
+    tuples): ``UNet(**net.config)`` rebuilds the architecture.
     """
 
     def __init__(
@@ -367,7 +370,7 @@ class UNet(nn.Module):
         middle_attention: bool = True,
     ):
         super().__init__()
-        channel_mult = [m if isinstance(m, int) or not float(m).is_integer() else int(m) for m in channel_mult]
+        channel_mult = [int(m) if float(m).is_integer() else float(m) for m in channel_mult]
         attention_resolutions = [int(r) for r in attention_resolutions]
         self.config: dict[str, Any] = {
             "image_size": int(image_size),
@@ -403,8 +406,8 @@ class UNet(nn.Module):
             ds = image_size // r if r > 0 else 0
             if r <= 0 or image_size % r or ds & (ds - 1) or ds.bit_length() > self.num_levels:
                 raise ValueError(
-                    f"attention resolution {r} matches no level of a {self.num_levels}-level UNet at image_size "
-                    f"{image_size} (valid: {[image_size >> i for i in range(self.num_levels)]})"
+                    f"attention resolution {r} matches no level of a {self.num_levels}-level UNet at "
+                    f"image_size {image_size} (valid: {[image_size >> i for i in range(self.num_levels)]})"
                 )
             attention_ds.add(ds)
         widths = {int(m * model_channels) for m in channel_mult}
@@ -412,9 +415,7 @@ class UNet(nn.Module):
         if bad:
             raise ValueError(f"norm_groups={norm_groups} does not divide the channel counts {bad}")
 
-        res_kw = dict(
-            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups
-        )
+        res_kw = dict(use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups)
         attn_kw = dict(
             use_checkpoint=use_checkpoint,
             num_head_channels=num_head_channels,
@@ -422,9 +423,7 @@ class UNet(nn.Module):
             norm_groups=norm_groups,
         )
         emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         # 1. Encoder.
         ch = int(channel_mult[0] * model_channels)
@@ -481,7 +480,7 @@ class UNet(nn.Module):
             GroupNorm32(norm_groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
-    # -- properties -------------------------------------------------------------------------------------------
+    # -- properties --------------------------------------------------------------------------------------
     @property
     def size_multiple(self) -> int:
         """H and W must be multiples of this (``2 ** (levels - 1)``)."""
@@ -489,7 +488,7 @@ class UNet(nn.Module):
 
     @property
     def has_attention(self) -> bool:
-        """Whether any self-attention block exists (then the net is tied to its training size ``image_size``)."""
+        """Whether the net has self-attention (then it is tied to its training size ``image_size``)."""
         return bool(self.config["attention_resolutions"]) or self.config["middle_attention"]
 
     @property
@@ -499,10 +498,10 @@ class UNet(nn.Module):
 
     @property
     def learn_sigma(self) -> bool:
-        """True for guided-diffusion-style nets that output ``[eps, v]`` (``out_channels == 2 * in_channels``)."""
+        """True for nets that output ``[eps, v]`` (guided-diffusion learn_sigma: ``out = 2 in`` channels)."""
         return self.out_channels == 2 * self.in_channels
 
-    # -- forward ----------------------------------------------------------------------------------------------
+    # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """:param x: [N, in_channels, H, W] in [-1, 1], H and W multiples of :attr:`size_multiple`.
         :param t: [N] timesteps (int64 or float), or a scalar broadcast over the batch.

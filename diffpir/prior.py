@@ -1,0 +1,451 @@
+"""The diffusion prior: an eps-network plus its noise schedule, as an eps-model and a Gaussian denoiser.
+
+:class:`Prior` is what the sampler calls (``prior(x_t, t) -> eps``); it also offers ``x0(x_t, t)`` and the
+denoiser ``denoise(x, sigma)`` of ``x = x0 + sigma n`` (k-diffusion's ``DiscreteEpsDDPMDenoiser`` idea).
+Everything here works on the network's [-1, 1] scale.
+
+:func:`load_prior` reads, without ever executing code from the file:
+
+(a) our exported priors: safetensors whose metadata key ``"diffpir_prior"`` holds the JSON
+    ``{"format": 1, "unet": <UNet config>, "schedule": {...}}`` (written by :func:`export_prior`);
+(b) our Lightning training checkpoints (``.ckpt``) carrying ``checkpoint["diffpir_prior"]`` (EMA weights);
+(c) guided-diffusion state dicts (``ffhq_10m.pt``, ``256x256_diffusion_uncond.pt``) with ``preset=``
+    (detected from the keys and shapes when ``preset`` is left out);
+(d) bundled priors by name (``load_prior("digits")``): ``diffpir/assets/priors/<name>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffpir.checkpoints import MapLocation, atomic_output, file_kind, safe_torch_load
+from diffpir.models import PRESETS, UNet, build_unet
+from diffpir.schedule import NoiseSchedule
+
+__all__ = [
+    "BUNDLED_DIR",
+    "Prior",
+    "available_priors",
+    "export_prior",
+    "load_prior",
+    "prior_payload",
+    "schedule_from_dict",
+    "schedule_to_dict",
+]
+
+FORMAT = 1
+METADATA_KEY = "diffpir_prior"
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "priors"
+
+SizeMode = Literal["pad", "any"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prior
+# ---------------------------------------------------------------------------------------------------------
+class Prior(nn.Module):
+    """An eps-network and its schedule: ``prior(x_t, t) == prior.eps(x_t, t)``.
+
+    :param net: a :class:`~diffpir.models.UNet` (or any module ``net(x, t) -> [N, C or 2C, H, W]`` with the
+        attributes ``in_channels``, ``out_channels``, ``size_multiple``, ``has_attention``, ``image_size``).
+        For learn_sigma nets (``2C`` outputs) the eps is the first C channels.
+        The net's train/eval mode is left as is (:func:`load_prior` returns an eval-mode prior).
+    :param schedule: the schedule the net was trained with (default: the linear T = 1000 DDPM schedule).
+    :param clip_x0: clamp :meth:`x0` and :meth:`denoise` outputs to [-1, 1] (the official DiffPIR code clips).
+    :param autocast_dtype: run the net under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``) when
+        the input is on CUDA; on the CPU the net always runs in float32. Outputs come back in the input dtype.
+    :param channels_last: convert the net and its inputs to the channels-last memory format (faster convs on
+        recent GPUs).
+    :param size_mode: how inputs the net cannot take directly are handled.
+        Fully convolutional nets: inputs are always reflect-padded (centred) to the next multiple of
+        ``net.size_multiple`` and the output cropped back, whatever ``size_mode``.
+        Nets with attention are tied to their training size ``image_size``: with ``"pad"`` (default) inputs up
+        to ``image_size`` are reflect-padded to exactly ``image_size`` and cropped back, larger inputs raise a
+        ValueError; with ``"any"`` they run at any size (padded to a multiple only), attention spanning the
+        whole image, which works but is off the training distribution.
+        Reflected noise in the padded border is not i.i.d.; its effect stays near the border and is cropped.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule | None = None,
+        *,
+        clip_x0: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        size_mode: SizeMode = "pad",
+    ):
+        super().__init__()
+        c_in, c_out = int(net.in_channels), int(net.out_channels)
+        if c_out not in (c_in, 2 * c_in):
+            raise ValueError(f"a prior net must output C (eps) or 2C (eps, v) channels; got {c_out} for C = {c_in}")
+        if size_mode not in ("pad", "any"):
+            raise ValueError(f"size_mode must be 'pad' or 'any', got {size_mode!r}")
+        self.net = net
+        self.schedule = schedule if schedule is not None else NoiseSchedule.linear()
+        self.clip_x0 = bool(clip_x0)
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = bool(channels_last)
+        self.size_mode: SizeMode = size_mode
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels C the prior works on."""
+        return int(self.net.in_channels)
+
+    @property
+    def image_size(self) -> int:
+        """The net's training resolution."""
+        return int(self.net.image_size)
+
+    def extra_repr(self) -> str:
+        return f"clip_x0={self.clip_x0}, autocast_dtype={self.autocast_dtype}, size_mode={self.size_mode!r}"
+
+    # -- geometry ------------------------------------------------------------------------------------------
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (H', W') the net is run at for an (h, w) input; ValueError if the net cannot take it."""
+        m = int(self.net.size_multiple)
+        if self.net.has_attention and self.size_mode == "pad":
+            s = self.image_size
+            if h > s or w > s:
+                raise ValueError(
+                    f"this prior has attention and was trained at {s}x{s}; an input of {h}x{w} is larger. "
+                    f"Use a fully convolutional prior, crop/tile the image, or pass size_mode='any' to run "
+                    f"attention over the whole image (off the training distribution)."
+                )
+            return s, s
+        return -(-h // m) * m, -(-w // m) * m
+
+    # -- the network -----------------------------------------------------------------------------------------
+    def _timesteps(self, t: Tensor | int | float, n: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"t must be a scalar or have shape [{n}], got {tuple(t.shape)}")
+        return t
+
+    def _net_out(self, x: Tensor, t: Tensor) -> Tensor:
+        """The net's raw output on ``x`` [N, C, H, W] (padded for the net, cropped back), in ``x.dtype``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        ph, pw = self.padded_size(h, w)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        p = next(self.net.parameters(), None)
+        net_dtype = p.dtype if p is not None else torch.float32
+        xin = _reflect_pad(x.to(net_dtype), top, ph - h - top, left, pw - w - left)
+        if self.channels_last:
+            xin = xin.contiguous(memory_format=torch.channels_last)
+        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=self.autocast_dtype) if use_amp else contextlib.nullcontext()
+        with ctx:
+            out = self.net(xin, t)
+        return out[..., top : top + h, left : left + w].to(x.dtype).contiguous()
+
+    def eps(self, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """Predicted noise.
+
+        :param x_t: [N, C, H, W] on the [-1, 1] scale (diffused: ``sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``).
+        :param t: [N] timesteps (int64; floats are passed to the net as they are) or a scalar.
+        :return: [N, C, H, W] eps in ``x_t.dtype`` (the first C channels of learn_sigma nets).
+        """
+        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        return self._net_out(x_t, t)[:, : self.in_channels]
+
+    forward = eps
+
+    def x0(self, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """Predicted clean image ``(x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, [N, C, H, W] in [-1, 1]
+        (clamped when ``clip_x0``). ``t``: integer [N] timesteps or a scalar."""
+        t = self._timesteps(t, x_t.shape[0], x_t.device)
+        x0 = self.schedule.x0_from_eps(x_t, t, self.eps(x_t, t))
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """Gaussian denoiser ``D(x, sigma)`` for ``x = x0 + sigma n``, n ~ N(0, I), on the [-1, 1] scale.
+
+        1. ``t`` = the timestep whose ``sigma_bar_t`` is nearest to ``sigma`` (``timestep_for_sigma``);
+        2. ``eps = eps_theta(c_in x, t)`` with ``c_in = 1 / sqrt(1 + sigma^2)`` (equal to ``sqrt(ab_t)`` when
+           ``sigma = sigma_bar_t``, so the net sees ``x_t`` exactly; otherwise a unit-variance input);
+        3. return ``x - sigma * eps`` (``= x0_pred`` of the schedule when ``sigma = sigma_bar_t``).
+
+        ``sigma = 0`` returns ``x`` unchanged.
+
+        :param x: [N, C, H, W] noisy images on the [-1, 1] scale.
+        :param sigma: noise std on the [-1, 1] scale: a float or a [N] tensor.
+        :return: [N, C, H, W] estimate of x0 in ``x.dtype`` (clamped to [-1, 1] when ``clip_x0``).
+        """
+        n = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(n)
+        if sigma.shape != (n,) or bool((sigma < 0).any()):
+            raise ValueError(f"sigma must be >= 0, a scalar or of shape [{n}], got {tuple(sigma.shape)}")
+        t = self.schedule.timestep_for_sigma(sigma).to(x.device)
+        s = sigma.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        eps = self.eps(x / (1 + s**2).sqrt(), t)
+        x0 = x - s * eps
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+
+def _reflect_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Reflect-pad [N, C, H, W] by any amounts (repeated reflection when a pad exceeds the size - 1;
+    replicate for a size of 1)."""
+    while top or bottom or left or right:
+        h, w = x.shape[-2:]
+        if (h == 1 and (top or bottom)) or (w == 1 and (left or right)):
+            return F.pad(x, (left, right, top, bottom), mode="replicate")
+        t, b = min(top, h - 1), min(bottom, h - 1)
+        le, r = min(left, w - 1), min(right, w - 1)
+        x = F.pad(x, (le, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - le, right - r
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules in files
+# ---------------------------------------------------------------------------------------------------------
+def schedule_to_dict(schedule: NoiseSchedule) -> dict[str, Any]:
+    """``{"kind": "linear", "T", "beta_start", "beta_end"}`` for linear schedules, else
+    ``{"kind": "betas", "betas": [...]}`` (primitive types only)."""
+    betas = schedule.host("betas")
+    T, b0, b1 = len(betas), float(betas[0]), float(betas[-1])
+    if np.allclose(betas, np.linspace(b0, b1, T, dtype=np.float64), rtol=0, atol=1e-15):
+        return {"kind": "linear", "T": T, "beta_start": b0, "beta_end": b1}
+    return {"kind": "betas", "betas": [float(b) for b in betas]}
+
+
+def schedule_from_dict(d: Mapping[str, Any]) -> NoiseSchedule:
+    """Inverse of :func:`schedule_to_dict`."""
+    kind = d.get("kind", "linear")
+    if kind == "linear":
+        return NoiseSchedule.linear(int(d["T"]), float(d["beta_start"]), float(d["beta_end"]))
+    if kind == "betas":
+        return NoiseSchedule(np.asarray(d["betas"], dtype=np.float64))
+    raise ValueError(f"unknown schedule kind {kind!r} (known: 'linear', 'betas')")
+
+
+def prior_payload(net: UNet, schedule: NoiseSchedule) -> dict[str, Any]:
+    """The ``{"format", "unet", "schedule"}`` description of a prior (no weights), primitive types only."""
+    return {"format": FORMAT, "unet": dict(net.config), "schedule": schedule_to_dict(schedule)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------
+def export_prior(
+    net: UNet | Prior,
+    schedule: NoiseSchedule | None,
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a prior as safetensors (format (a) of :func:`load_prior`), atomically.
+
+    :param net: the UNet (or a :class:`Prior`, whose schedule is used when ``schedule`` is None).
+    :param schedule: the schedule it was trained with (None: the prior's, or the linear default).
+    :param dtype: store floating weights in this dtype (e.g. ``torch.float16`` halves the file);
+        :func:`load_prior` casts them back to float32.
+    :return: the path written.
+    """
+    if isinstance(net, Prior):
+        schedule = schedule if schedule is not None else net.schedule
+        net = net.net
+    schedule = schedule if schedule is not None else NoiseSchedule.linear()
+    if not hasattr(net, "config"):
+        raise TypeError("export_prior needs a diffpir UNet (with .config)")
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    metadata = {METADATA_KEY: json.dumps(prior_payload(net, schedule))}
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def available_priors() -> list[str]:
+    """Names of the bundled priors (``diffpir/assets/priors/<name>.safetensors``)."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
+
+
+def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
+    s = os.fspath(path_or_name)
+    p = Path(s)
+    if p.exists():
+        return p
+    is_name = isinstance(path_or_name, str) and "/" not in s and os.sep not in s and not p.suffix
+    if is_name:
+        bundled = BUNDLED_DIR / f"{s}.safetensors"
+        if bundled.is_file():
+            return bundled
+        hint = ""
+        if s in PRESETS:
+            hint = f" {s!r} is a UNet preset: pass the checkpoint path and preset={s!r}."
+        raise FileNotFoundError(
+            f"no prior file or bundled prior named {s!r}; bundled priors: {available_priors() or 'none'}.{hint}"
+        )
+    raise FileNotFoundError(f"prior file not found: {p}")
+
+
+@functools.cache
+def _preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of preset ``name``'s state_dict (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        net = build_unet(name)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def matching_presets(state_dict: Mapping[str, Tensor]) -> list[str]:
+    """The presets whose state_dict keys and shapes equal those of ``state_dict``."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    return [name for name in PRESETS if _preset_shapes(name) == shapes]
+
+
+def _mismatch_report(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor]) -> str:
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [
+        f"{k}: file {list(got[k])} vs model {list(expected[k])}" for k in expected if k in got and got[k] != expected[k]
+    ]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({few(shapes)})")
+    return "; ".join(parts)
+
+
+def _suggestion(state_dict: Mapping[str, Tensor]) -> str:
+    matches = matching_presets(state_dict)
+    if matches:
+        return (
+            "Its keys and shapes match preset "
+            + " or ".join(f"{m!r}" for m in matches)
+            + (f": try preset={matches[0]!r}.")
+        )
+    return "No UNet preset matches its keys and shapes (another architecture?)."
+
+
+def _strip_prefix(sd: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _build_loaded(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], source: str, what: str) -> UNet:
+    """Build ``config``'s UNet on the meta device and assign ``state_dict`` (strict), floats as float32."""
+    with torch.device("meta"):
+        net = build_unet(dict(config))
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    state_dict = _strip_prefix(state_dict)
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if got != expected:
+        raise ValueError(
+            f"{source} does not fit {what}: {_mismatch_report(expected, state_dict)}. {_suggestion(state_dict)}"
+        )
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def load_prior(
+    path_or_name: str | os.PathLike[str],
+    preset: str | None = None,
+    map_location: MapLocation = "cpu",
+    schedule: NoiseSchedule | None = None,
+    **prior_kwargs: Any,
+) -> Prior:
+    """Load a prior (an eval-mode :class:`Prior` with frozen weights) from a file or a bundled name.
+
+    :param path_or_name: a safetensors export, a Lightning ``.ckpt`` with ``"diffpir_prior"``, a
+        guided-diffusion ``.pt`` state dict, or the name of a bundled prior (see :func:`available_priors`).
+    :param preset: UNet preset for plain state dicts (``"ffhq_10m"``, ``"imagenet_256_uncond"``); detected
+        from the keys and shapes when None. Ignored for files that describe their own UNet.
+    :param map_location: device for the weights.
+    :param schedule: override the schedule (default: the file's, or the linear T = 1000 schedule).
+    :param prior_kwargs: passed to :class:`Prior` (``clip_x0``, ``autocast_dtype``, ``size_mode``, ...).
+    :raises ValueError: the file carries code/objects (refused, nothing run), or its weights do not fit the
+        architecture (the message lists missing/unexpected keys and the presets that would fit).
+    """
+    path = _resolve(path_or_name)
+    kind = file_kind(path)
+    payload: Mapping[str, Any] | None = None
+    if kind == "safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state_dict: Mapping[str, Tensor] = load_file(str(path), device=str(map_location or "cpu"))
+        if METADATA_KEY in meta:
+            payload = json.loads(meta[METADATA_KEY])
+    else:
+        obj = safe_torch_load(path, map_location=map_location)
+        if isinstance(obj, Mapping) and METADATA_KEY in obj:  # (b) our Lightning checkpoint
+            payload = obj[METADATA_KEY]
+            state_dict = payload["state_dict"]
+        elif isinstance(obj, Mapping) and {"format", "unet", "state_dict"} <= set(obj):
+            payload = obj  # the payload saved on its own
+            state_dict = obj["state_dict"]
+        elif _tensor_dict(obj):  # (c) a plain state dict (guided-diffusion)
+            state_dict = obj
+        elif isinstance(obj, Mapping) and _tensor_dict(obj.get("state_dict")):
+            state_dict = obj["state_dict"]
+        else:
+            raise ValueError(f"{path} holds neither a diffpir prior ('{METADATA_KEY}') nor a state dict of tensors")
+
+    if payload is not None:
+        if int(payload.get("format", -1)) != FORMAT:
+            raise ValueError(f"{path}: unsupported diffpir prior format {payload.get('format')!r}")
+        net = _build_loaded(payload["unet"], state_dict, str(path), "the UNet described in the file")
+        if schedule is None and payload.get("schedule"):
+            schedule = schedule_from_dict(payload["schedule"])
+    else:
+        state_dict = _strip_prefix(state_dict)
+        if preset is None:
+            matches = matching_presets(state_dict)
+            if not matches:
+                raise ValueError(
+                    f"{path} is a plain state dict that matches no UNet preset; pass preset= "
+                    f"(known: {', '.join(PRESETS)}) or use a file exported by diffpir"
+                )
+            preset = matches[0]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        net = _build_loaded(PRESETS[preset], state_dict, str(path), f"preset {preset!r}")
+    net.requires_grad_(False).eval()
+    return Prior(net, schedule, **prior_kwargs).eval()
