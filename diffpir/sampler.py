@@ -33,6 +33,8 @@ class DataOperator(Protocol):
 
     def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor: ...
 
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]: ...
+
     def x_shape(self, y_shape: torch.Size) -> torch.Size: ...
 
     def check(self, y: Tensor) -> None: ...
@@ -157,7 +159,7 @@ class DiffPIR:
 
         Args:
             y: measurement ``[N, C, h, w]`` in [0, 1] (as ``op`` produces it).
-            op: the degradation, with ``prox``, ``x_shape``, ``check`` and ``initial_estimate``.
+            op: the degradation, with ``prox_fn``, ``x_shape``, ``check`` and ``initial_estimate``.
             eps_model: ``eps_model(x_t, t)``, x_t ``[N, C, H, W]`` in [-1, 1], t int64 ``[N]`` -> eps.
             sigma_n: measurement noise std on the [0, 1] scale.
             generator: a ``torch.Generator`` for the whole batch, or a list with one per image (then each image
@@ -193,38 +195,40 @@ class DiffPIR:
         else:
             x = noise
 
+        prox = op.prox_fn(y)  # y-only work (e.g. conj(K) F(y)) done once
         for i, t in enumerate(ts):
             last = i == len(ts) - 1
+            a_t, s_t = float(sa[t]), float(s1a[t])
             t_batch = torch.full((n,), t, device=y.device, dtype=torch.long)
             # 4a. Prior step (eq. 12a): x0 from the predicted noise.
             eps = eps_model(x, t_batch).to(x.dtype)
-            x0_pred = (x - float(s1a[t]) * eps) / float(sa[t])
+            x0_pred = torch.sub(x, eps, alpha=s_t).div_(a_t)
             if self.clip_denoised:
-                x0_pred = x0_pred.clamp(-1.0, 1.0)
+                x0_pred.clamp_(-1.0, 1.0)
             # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step.
             if last:
                 x0_hat = x0_pred
             else:
-                x0_hat = 2 * op.prox((x0_pred + 1) / 2, y, rhos[i]) - 1
+                x0_hat = prox(x0_pred.add(1.0).mul_(0.5), rhos[i]).mul(2.0).sub_(1.0)
                 if self.guidance_scale != 1.0:
-                    x0_hat = x0_pred + self.guidance_scale * (x0_hat - x0_pred)
+                    x0_hat = torch.lerp(x0_pred, x0_hat, self.guidance_scale)
             if callback is not None:
                 callback(StepState(i, t, None if last else ts[i + 1], rhos[i], x, x0_pred, x0_hat))
             if last:
                 x = x0_hat
                 break
-            # 4c. The noise that x0_hat implies, then 4d. re-noise to the next timestep.
+            # 4c. eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t), the noise x0_hat implies; 4d. re-noise:
+            # x' = sqrt(ab') x0_hat + sqrt(1 - zeta) (d eps_hat + eta_sigma z1) + sqrt(zeta) sqrt(1 - ab') z2,
+            # with d = sqrt(1 - ab' - eta_sigma^2), folded into x' = c x_t + (sqrt(ab') - c sqrt(ab_t)) x0_hat + ...
             t_next = ts[i + 1]
-            eps_hat = (x - float(sa[t]) * x0_hat) / float(s1a[t])
             s_next = float(s1a[t_next])
-            eta_sigma = self.eta * s_next / float(s1a[t]) * math.sqrt(float(betas[t]))
-            z = randn(x_shape, generator, y) if (self.zeta > 0 or eta_sigma > 0) else None
-            det = math.sqrt(max(s_next**2 - eta_sigma**2, 0.0)) * eps_hat
+            eta_sigma = self.eta * s_next / s_t * math.sqrt(float(betas[t]))
+            c = math.sqrt(1 - self.zeta) * math.sqrt(max(s_next**2 - eta_sigma**2, 0.0)) / s_t
+            x = torch.mul(x, c).add_(x0_hat, alpha=float(sa[t_next]) - c * a_t)
             if eta_sigma > 0:
-                det = det + eta_sigma * z
-            x = float(sa[t_next]) * x0_hat + math.sqrt(1 - self.zeta) * det
+                x.add_(randn(x_shape, generator, y), alpha=math.sqrt(1 - self.zeta) * eta_sigma)
             if self.zeta > 0:
-                x = x + math.sqrt(self.zeta) * s_next * (z if eta_sigma == 0 else randn(x_shape, generator, y))
+                x.add_(randn(x_shape, generator, y), alpha=math.sqrt(self.zeta) * s_next)
         return (x + 1) / 2
 
 

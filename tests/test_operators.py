@@ -101,6 +101,19 @@ def test_prox_equals_dense_solve_and_cg(name, rho):
 
 
 @pytest.mark.parametrize("rho", RHOS)
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_prox_fn_equals_prox(name, rho):
+    """The sampler's cached form ``prox_fn(y)(z, rho)`` solves the same problem as ``prox(z, y, rho)``."""
+    op = build(name)
+    y, z = measure(op)
+    rho = rho_value(rho)
+    fn = op.prox_fn(y)
+    torch.testing.assert_close(fn(z, rho), op.prox(z, y, rho), atol=1e-10, rtol=1e-10)
+    z2 = rand(N, C, H, W, seed=9)
+    torch.testing.assert_close(fn(z2, rho), op.prox(z2, y, rho), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rho", RHOS)
 @pytest.mark.parametrize("name", LINEAR)
 def test_prox_objective_gradient_vanishes(name, rho):
     op = build(name)
@@ -318,9 +331,7 @@ def test_imresize_matrix_rows_and_constants(scale):
     assert mat.shape == (12, 12 * scale)
     assert torch.allclose(mat.sum(1), torch.ones(12, dtype=DT), atol=1e-14)
     op = Bicubic(scale)
-    assert torch.allclose(
-        op(torch.full((1, 3, 6 * scale, 9 * scale), 0.3, dtype=DT)), torch.tensor(0.3, dtype=DT)
-    )
+    assert torch.allclose(op(torch.full((1, 3, 6 * scale, 9 * scale), 0.3, dtype=DT)), torch.tensor(0.3, dtype=DT))
 
 
 @pytest.mark.parametrize("scale", [2, 4])

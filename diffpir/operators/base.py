@@ -12,6 +12,7 @@ Conventions shared by all operators (see ``docs/CONTRACTS.md``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,14 @@ class Operator(nn.Module):
         """
         return self.prox_cg(z, y, rho)
 
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """``(z, rho) -> prox(z, y, rho)`` for a fixed measurement ``y``.
+
+        The sampler calls this once per restoration and the returned function at every step, so subclasses
+        override it to do the work that depends on ``y`` alone once (e.g. ``conj(K) F(y)`` for deblurring).
+        """
+        return lambda z, rho: self.prox(z, y, rho)
+
     def check(self, y: Tensor) -> None:
         """Raise ``ValueError`` when ``y`` cannot be a measurement of this operator (ndim, dtype, batch,
         channels, spatial size, non-finite values), with a message saying what does not fit and what to do."""
@@ -120,9 +129,7 @@ class Operator(nn.Module):
         the others continue, up to ``cg_max_iter`` iterations. Starts from ``z``. Needs a linear ``H``.
         """
         if not self.linear:
-            raise NotImplementedError(
-                f"{type(self).__name__} is not linear: conjugate gradients do not apply"
-            )
+            raise NotImplementedError(f"{type(self).__name__} is not linear: conjugate gradients do not apply")
         r_ = rho_view(rho, z)
 
         def normal(v: Tensor) -> Tensor:
@@ -190,8 +197,7 @@ def check_finite(t: Tensor, name: str) -> None:
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise ValueError(
-            f"{name} contains {bad} NaN or infinite value(s) out of {t.numel()}; "
-            f"clean or re-load it before restoring"
+            f"{name} contains {bad} NaN or infinite value(s) out of {t.numel()}; clean or re-load it before restoring"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -66,3 +68,21 @@ class Blur(KernelOperator):
         num = otf.conj() * torch.fft.rfft2(y.to(dt)) + r * torch.fft.rfft2(zf)
         x = torch.fft.irfft2(num / (otf.abs().square() + r), s=(h, w))
         return x.to(z.dtype)
+
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """:meth:`prox` for a fixed ``y`` with ``conj(K) F(y)`` and ``|K|^2`` computed once: two FFTs a call."""
+        self._check_image(y, "y")
+        h, w = y.shape[-2:]
+        dt = work_dtype(y)
+        otf = self.otf(h, w, y)
+        ky = otf.conj() * torch.fft.rfft2(y.to(dt))
+        k2 = otf.abs().square()
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            if z.shape != y.shape:
+                raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(y.shape)}")
+            r = rho_view(rho, z)
+            x = torch.fft.irfft2((ky + r * torch.fft.rfft2(z.to(dt))) / (k2 + r), s=(h, w))
+            return x.to(z.dtype)
+
+        return prox

@@ -114,8 +114,7 @@ class KernelOperator(Operator):
         kh, kw = self.kernel.shape[-2:]
         if kh > height or kw > width:
             raise ValueError(
-                f"kernel {kh}x{kw} is larger than the image {height}x{width}: "
-                f"use a smaller kernel or a larger image"
+                f"kernel {kh}x{kw} is larger than the image {height}x{width}: use a smaller kernel or a larger image"
             )
 
     def _check_kernel_batch(self, n: int) -> None:

@@ -119,8 +119,6 @@ def load_kernel(path: str | Path, normalize: bool = True) -> Tensor:
     if normalize:
         total = float(k.sum())
         if not total > 0:
-            raise ValueError(
-                f"kernel file {str(path)!r} sums to {total}: it cannot be normalised to sum to one"
-            )
+            raise ValueError(f"kernel file {str(path)!r} sums to {total}: it cannot be normalised to sum to one")
         k = k / total
     return k.float()

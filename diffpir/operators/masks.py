@@ -32,8 +32,7 @@ def box_mask(
         raise ValueError(f"box {bh}x{bw} and margin {margin} must be non-negative")
     if bh + 2 * margin > h or bw + 2 * margin > w:
         raise ValueError(
-            f"a {bh}x{bw} box with a {margin} px margin does not fit in a {h}x{w} image; "
-            f"use a smaller box or margin"
+            f"a {bh}x{bw} box with a {margin} px margin does not fit in a {h}x{w} image; use a smaller box or margin"
         )
     g = as_generator(generator)
     top = int(torch.randint(margin, h - margin - bh + 1, (1,), generator=g))

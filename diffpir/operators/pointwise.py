@@ -52,8 +52,7 @@ class Inpaint(Operator):
             m = m[None]
         if m.ndim != 4:
             raise ValueError(
-                f"mask must be [H, W], [1|C, H, W] or one per image [N, 1|C, H, W], "
-                f"got shape {tuple(m.shape)}"
+                f"mask must be [H, W], [1|C, H, W] or one per image [N, 1|C, H, W], got shape {tuple(m.shape)}"
             )
         if not bool(torch.isfinite(m).all()) or bool(((m < 0) | (m > 1)).any()):
             raise ValueError("mask values must lie in [0, 1] (1 = known pixel, 0 = missing)")
@@ -68,9 +67,7 @@ class Inpaint(Operator):
             )
         check_batch(mn, n, "mask", "[1|C, H, W]", "[N, 1|C, H, W]")
         if mc not in (1, c):
-            raise ValueError(
-                f"mask has {mc} channels but the {name} has {c}: give a mask with 1 or {c} channels"
-            )
+            raise ValueError(f"mask has {mc} channels but the {name} has {c}: give a mask with 1 or {c} channels")
 
     def _mask(self, like: Tensor) -> Tensor:
         return self.mask.to(device=like.device, dtype=like.dtype)

@@ -4,6 +4,7 @@ downsampling."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,8 +24,7 @@ def _check_scale(scale: int) -> int:
 def _check_divides(scale: int, h: int, w: int) -> None:
     if h % scale or w % scale:
         raise ValueError(
-            f"scale {scale} does not divide the image size {h}x{w}: "
-            f"crop or pad the image to a multiple of {scale}"
+            f"scale {scale} does not divide the image size {h}x{w}: crop or pad the image to a multiple of {scale}"
         )
 
 
@@ -122,6 +122,27 @@ class Downsample(KernelOperator):
         q = (kd / (k2 + r)).repeat(1, 1, s, s)
         x = torch.fft.ifft2((d - k.conj() * q) / r).real
         return x.to(z.dtype)
+
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """:meth:`prox` for a fixed ``y``, with ``conj(K) F(up(y))`` and the block means of ``|K|^2`` computed once."""
+        self._check_shape(y)
+        n, c, h, w = y.shape
+        s = self.scale
+        yf = y.to(work_dtype(y))
+        k = self.otf(h * s, w * s, yf, full=True)
+        ky = k.conj() * torch.fft.fft2(self._upsample_zero(yf))
+        k2 = k.abs().square().view(k.shape[0], 1, s, h, s, w).mean(dim=(2, 4))
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            if z.shape != (n, c, h * s, w * s):
+                raise ValueError(f"z has shape {tuple(z.shape)}, expected {(n, c, h * s, w * s)}")
+            zf = z.to(yf.dtype)
+            r = rho_view(rho, zf)
+            d = ky + r * torch.fft.fft2(zf)
+            q = ((k * d).view(n, c, s, h, s, w).mean(dim=(2, 4)) / (k2 + r)).repeat(1, 1, s, s)
+            return torch.fft.ifft2((d - k.conj() * q) / r).real.to(z.dtype)
+
+        return prox
 
     def initial_estimate(self, y: Tensor) -> Tensor:
         """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
@@ -250,6 +271,25 @@ class Bicubic(Operator):
         uw, dw = self._eig(z.shape[-1], zf)
         coef = (uh.T @ rhs @ uw) / (dh[:, None] * dw[None, :] + r)
         return (uh @ coef @ uw.T).to(z.dtype)
+
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """:meth:`prox` for a fixed ``y``, with ``U_h^T A^T y U_w`` computed once: four small matmuls a call."""
+        check_measurement(y, "y")
+        yf = y.to(work_dtype(y))
+        uh, dh = self._eig(y.shape[-2] * self.scale, yf)
+        uw, dw = self._eig(y.shape[-1] * self.scale, yf)
+        rhs_y = uh.T @ self.adjoint(yf) @ uw
+        dd = dh[:, None] * dw[None, :]
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            if z.shape[-2:] != rhs_y.shape[-2:] or z.shape[:2] != y.shape[:2]:
+                raise ValueError(f"z has shape {tuple(z.shape)}, expected {(*y.shape[:2], *rhs_y.shape[-2:])}")
+            zf = z.to(yf.dtype)
+            r = rho_view(rho, zf)
+            coef = (rhs_y + r * (uh.T @ zf @ uw)) / (dd + r)
+            return (uh @ coef @ uw.T).to(z.dtype)
+
+        return prox
 
     def initial_estimate(self, y: Tensor) -> Tensor:
         """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
