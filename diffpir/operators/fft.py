@@ -100,7 +100,10 @@ class KernelOperator(Operator):
         """The cached transfer function for ``height x width`` images on ``like``'s device (see
         :func:`psf2otf`)."""
         dtype = work_dtype(like)
-        key = (height, width, like.device, dtype, full, self.kernel._version)
+        # Inference tensors (built under torch.inference_mode) carry no version counter: they cannot be edited
+        # in place outside inference mode anyway, so their identity is enough.
+        version = -1 if self.kernel.is_inference() else self.kernel._version
+        key = (height, width, like.device, dtype, full, id(self.kernel), version)
         otf = self._otf_cache.get(key)
         if otf is None:
             if len(self._otf_cache) > 8:

@@ -1,0 +1,344 @@
+"""Data for restoration: the images, their measurements and per-image operators, batched for ``predict``.
+
+Two modes (:class:`RestorationDataModule`):
+
+- ``benchmark``: clean images (a folder, or the bundled samples) are degraded on the fly by a
+  :class:`~diffpir.restoration.tasks.Degradation`; the kernel/mask and the noise of each image come from generators
+  seeded by ``(seed, image key)``, so an image's measurement does not depend on the order, batch or rank it is
+  loaded in. The clean image is kept as the truth for metrics.
+- ``real``: the images are measurements ``y``; the operator's parameters come from the spec (kernel file, mask
+  image, scale, sigma_n). An optional ``truth`` folder (same keys) enables metrics.
+
+An image's key is its path relative to the image folder, without suffix, with ``/`` separators
+(``"sub/cat"`` for ``<images>/sub/cat.png``).
+
+Batching: :func:`collate` groups the items of a batch by image size; each group is one
+:class:`RestorationBatch` with stacked tensors and one batched operator (per-image kernels/masks stacked).
+A batch of images of different sizes is thus run as one sampler call per size. Results do not depend on the
+grouping (per-image generators); for throughput, use images of one size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffpir.io import list_image_files, read_image
+from diffpir.operators import Operator
+from diffpir.restoration.tasks import (
+    Degradation,
+    build_operator,
+    degrade,
+    image_generator,
+    load_params,
+    synthesize_params,
+)
+
+__all__ = ["RestorationBatch", "RestorationDataModule", "RestorationDataset", "collate", "image_keys"]
+
+Mode = Literal["benchmark", "real"]
+
+
+def image_keys(root: Path, files: Sequence[Path]) -> list[str]:
+    """Keys of ``files`` under ``root``: relative paths without suffix, ``/``-separated.
+
+    Raises ``ValueError`` when two files share a key (``cat.png`` and ``cat.jpg``)."""
+    keys: dict[str, Path] = {}
+    for f in files:
+        rel = f.relative_to(root) if root.is_dir() else Path(f.name)
+        key = rel.with_suffix("").as_posix()
+        if key in keys:
+            raise ValueError(f"two images share the key {key!r}: {keys[key]} and {f}; rename one of them")
+        keys[key] = f
+    return list(keys)
+
+
+def _center_crop(x: Tensor, h: int, w: int) -> Tensor:
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+@dataclass
+class RestorationItem:
+    """One image: ``y`` ``[C, h, w]``, ``x`` (truth) ``[C, H, W]`` or None, operator ``params``."""
+
+    key: str
+    y: Tensor
+    x: Tensor | None
+    params: dict[str, Tensor]
+    x_size: tuple[int, int]
+
+
+@dataclass
+class RestorationBatch:
+    """Images of one size restored together.
+
+    Attributes:
+        keys: the image keys, ``[N]``.
+        y: measurements ``[N, C, h, w]`` in [0, 1] (noisy, unclipped in benchmark mode).
+        op: the batched operator (its per-image kernels/masks stacked along N).
+        params: the stacked parameters ``op`` was built from (``kernel`` ``[N, kh, kw]``, ``mask``
+            ``[N, 1, H, W]``).
+        spec: the degradation spec (for rebuilding ``op`` on a subset, :meth:`select`).
+        sigma_n: the noise level the sampler assumes.
+        x: the truth ``[N, C, H, W]`` in [0, 1], or None (real mode without a truth folder).
+    """
+
+    keys: list[str]
+    y: Tensor
+    op: Operator
+    params: dict[str, Tensor]
+    spec: Degradation
+    sigma_n: float
+    x: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, **kwargs) -> RestorationBatch:
+        """The batch on ``device`` (tensors and operator moved; the operator outside inference mode, see
+        :func:`~diffpir.restoration.tasks.build_operator`)."""
+        with torch.inference_mode(False):
+            op = self.op.to(device)
+        return replace(
+            self,
+            y=self.y.to(device),
+            op=op,
+            params={k: v.to(device) for k, v in self.params.items()},
+            x=None if self.x is None else self.x.to(device),
+        )
+
+    def select(self, index: Sequence[int]) -> RestorationBatch:
+        """The sub-batch of the images at ``index`` (the operator rebuilt from their parameters)."""
+        idx = list(index)
+        params = {k: v[idx] for k, v in self.params.items()}
+        with torch.inference_mode(False):  # see to()
+            op = build_operator(self.spec, params).to(self.y.device)
+        return replace(
+            self,
+            keys=[self.keys[i] for i in idx],
+            y=self.y[idx],
+            op=op,
+            params=params,
+            x=None if self.x is None else self.x[idx],
+        )
+
+
+def collate(items: Sequence[RestorationItem], spec: Degradation) -> list[RestorationBatch]:
+    """Group ``items`` by (measurement size, image size), stack each group and build its operator.
+
+    Returns one :class:`RestorationBatch` per size, in order of first appearance. Within a group, every item
+    must carry the same kinds of parameters (true for items of one data set) and either all or none a truth.
+    """
+    groups: dict[tuple, list[RestorationItem]] = {}
+    for it in items:
+        groups.setdefault((tuple(it.y.shape), it.x_size), []).append(it)
+    out = []
+    for group in groups.values():
+        params = {k: torch.stack([it.params[k] for it in group]) for k in group[0].params}
+        has_x = [it.x is not None for it in group]
+        x = torch.stack([it.x for it in group]) if all(has_x) else None
+        out.append(
+            RestorationBatch(
+                keys=[it.key for it in group],
+                y=torch.stack([it.y for it in group]),
+                op=build_operator(spec, params),
+                params=params,
+                spec=spec,
+                sigma_n=float(spec.sigma_n),
+                x=x,
+            )
+        )
+    return out
+
+
+class _Collate:
+    """A picklable collate function bound to a spec (for DataLoader workers)."""
+
+    def __init__(self, spec: Degradation):
+        self.spec = spec
+
+    def __call__(self, items: Sequence[RestorationItem]) -> list[RestorationBatch]:
+        return collate(items, self.spec)
+
+
+class RestorationDataset(Dataset):
+    """Images to restore, as :class:`RestorationItem` s (see the module docstring for the modes).
+
+    Args:
+        files: image files (clean images in benchmark mode, measurements in real mode).
+        keys: their keys (same order).
+        spec: the degradation.
+        mode: ``"benchmark"`` or ``"real"``.
+        channels: 1 or 3, as the prior takes.
+        seed: seeds the per-image kernels, masks and noise (benchmark mode).
+        truth: real mode: ``key -> clean image file`` for metrics (may be partial or empty).
+        crop: benchmark mode: centre-crop the clean images to at most ``crop x crop`` first.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        keys: Sequence[str],
+        spec: Degradation,
+        mode: Mode = "benchmark",
+        channels: int = 3,
+        seed: int = 0,
+        truth: dict[str, Path] | None = None,
+        crop: int | None = None,
+    ):
+        if len(files) != len(keys):
+            raise ValueError("files and keys differ in length")
+        if mode not in ("benchmark", "real"):
+            raise ValueError(f"mode must be 'benchmark' or 'real', got {mode!r}")
+        self.files, self.keys = list(files), list(keys)
+        self.spec, self.mode, self.channels, self.seed = spec, mode, channels, seed
+        self.truth = truth or {}
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> RestorationItem:
+        key, spec = self.keys[i], self.spec
+        img = read_image(self.files[i], self.channels)
+        if self.mode == "benchmark":
+            return self._benchmark_item(key, img)
+        y = img
+        n = spec.size_multiple
+        h, w = y.shape[-2] * n, y.shape[-1] * n
+        params = load_params(spec, key, h, w)
+        x = None
+        if key in self.truth:
+            x = read_image(self.truth[key], self.channels)
+            if tuple(x.shape[-2:]) != (h, w):
+                raise ValueError(
+                    f"truth {str(self.truth[key])!r} is {x.shape[-2]}x{x.shape[-1]} but the restoration of "
+                    f"{str(self.files[i])!r} is {h}x{w}"
+                )
+        return RestorationItem(key, y, x, params, (h, w))
+
+    def _benchmark_item(self, key: str, x: Tensor) -> RestorationItem:
+        spec = self.spec
+        h, w = x.shape[-2:]
+        if self.crop is not None:
+            h, w = min(h, self.crop), min(w, self.crop)
+        m = spec.size_multiple
+        h, w = h - h % m, w - w % m
+        if h == 0 or w == 0:
+            raise ValueError(f"image {key!r} of size {x.shape[-2]}x{x.shape[-1]} is smaller than the scale {m}")
+        x = _center_crop(x, h, w).contiguous()
+        params = synthesize_params(spec, key, h, w, self.seed)
+        y = degrade(spec, x, params, image_generator(self.seed, key, "noise"))
+        return RestorationItem(key, y, x, params, (h, w))
+
+
+class RestorationDataModule(L.LightningDataModule):
+    """Images and degradations for ``Trainer.predict`` with a :class:`~diffpir.restoration.RestorationModule`.
+
+    Args:
+        images: a folder of images (searched recursively) or one image file; None: the bundled sample
+            photographs (benchmark mode).
+        mode: ``"benchmark"`` (clean images, degraded here) or ``"real"`` (degraded images).
+        degradation: the task and its parameters (see :class:`~diffpir.restoration.tasks.Degradation`).
+        truth: real mode: a folder of clean images with the same keys, for metrics.
+        seed: seeds each image's kernel/mask and noise in benchmark mode (with the image key).
+        batch_size: images per batch (a batch of mixed sizes runs as one sampler call per size).
+        num_workers: DataLoader workers.
+        limit: restore only the first ``limit`` images (by key).
+        crop: benchmark mode: centre-crop clean images to at most ``crop x crop`` pixels.
+        channels: 1 or 3; None: the prior's (``RestorationModule.channels``), else 3.
+    """
+
+    def __init__(
+        self,
+        images: str | None = None,
+        mode: Mode = "benchmark",
+        degradation: Degradation | None = None,
+        truth: str | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        limit: int | None = None,
+        crop: int | None = None,
+        channels: int | None = None,
+    ):
+        super().__init__()
+        if mode not in ("benchmark", "real"):
+            raise ValueError(f"mode must be 'benchmark' or 'real', got {mode!r}")
+        if mode == "real" and images is None:
+            raise ValueError("real mode needs images: the folder of degraded images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+        self.images, self.mode = images, mode
+        self.degradation = degradation if degradation is not None else Degradation()
+        self.truth_dir, self.seed = truth, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.limit, self.crop, self.channels = limit, crop, channels
+        self.dataset: RestorationDataset | None = None
+        self.save_hyperparameters(ignore=["degradation"])
+        self.hparams["degradation"] = self.degradation.to_dict()
+
+    def _files(self) -> tuple[list[Path], list[str]]:
+        if self.images is None:
+            from diffpir.datasets import sample_images
+
+            files = list(sample_images())
+            keys = [f.stem for f in files]
+        else:
+            root = Path(self.images)
+            files = list_image_files(root)
+            keys = image_keys(root, files)
+        if not files:
+            raise ValueError(f"no images found in {self.images!r}")
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        files, keys = [files[i] for i in order], [keys[i] for i in order]
+        if self.limit is not None:
+            files, keys = files[: self.limit], keys[: self.limit]
+        return files, keys
+
+    def _channels(self) -> int:
+        if self.channels is not None:
+            return self.channels
+        trainer = self.trainer
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return int(getattr(module, "channels", 3))
+
+    def setup(self, stage: str | None = None) -> None:
+        files, keys = self._files()
+        truth: dict[str, Path] = {}
+        if self.truth_dir is not None:
+            root = Path(self.truth_dir)
+            tfiles = list_image_files(root)
+            truth = dict(zip(image_keys(root, tfiles), tfiles))
+        self.dataset = RestorationDataset(
+            files, keys, self.degradation, self.mode, self._channels(), self.seed, truth, self.crop
+        )
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys of the images to restore, in order (after :meth:`setup`)."""
+        if self.dataset is None:
+            self.setup("predict")
+        return list(self.dataset.keys)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.dataset is None:
+            self.setup("predict")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.degradation),
+            persistent_workers=False,
+        )

@@ -1,0 +1,220 @@
+"""The LightningModule that restores images with DiffPIR in ``predict_step``.
+
+One :class:`RestorationModule` holds a :class:`~diffpir.prior.Prior` and a :class:`~diffpir.sampler.DiffPIR`
+sampler; ``Trainer.predict`` feeds it batches from :class:`~diffpir.restoration.data.RestorationDataModule` and a
+:class:`~diffpir.restoration.writer.RestorationWriter` stores what it returns. Multi-GPU is Lightning's DDP.
+
+Reproducibility: each image's sampler noise comes from its own generator seeded by ``(seed, image key)`` (the
+sampler's list-of-generators form; CPU generators, so a GPU run draws the same noise as a CPU run), hence an
+image restores the same whatever batch or rank it lands in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from diffpir.prior import Prior, load_prior
+from diffpir.restoration.data import RestorationBatch
+from diffpir.restoration.tasks import image_generator
+from diffpir.sampler import DataOperator, DiffPIR, StepState
+
+__all__ = ["PRECISIONS", "RestorationModule", "StepHook"]
+
+PriorPrecision = Literal["32", "bf16", "16"]
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+StepHook = Callable[[StepState], None]
+
+
+class RestorationModule(L.LightningModule):
+    """DiffPIR restoration as a ``predict_step``.
+
+    Args:
+        prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
+            :class:`~diffpir.prior.Prior` (tests, notebooks).
+        preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
+        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init: the sampler's
+            hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`).
+        prior_precision: ``"32"``, ``"bf16"`` or ``"16"``: the prior runs under ``torch.autocast`` with that dtype
+            on CUDA; on the CPU it always runs in float32. The sampler's own arithmetic stays float32.
+        seed: seeds each image's sampler noise together with its key.
+        lpips: compute LPIPS (``True``), not (``False``), or when its offline weights are present (``None``);
+            images smaller than 32 px get none (the backbones pool them away).
+        lpips_net: LPIPS backbone, ``"vgg"`` (the paper's) or ``"alex"``.
+        show_steps: a tqdm progress bar over the sampler steps of each batch (rank 0).
+
+    ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
+    ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and
+    ``seconds`` (the batch's sampling time per image). Images a writer reports done are skipped unsampled.
+    """
+
+    def __init__(
+        self,
+        prior: str | nn.Module = "natural",
+        preset: str | None = None,
+        steps: int = 100,
+        lambda_: float = 7.0,
+        zeta: float = 0.3,
+        skip: Literal["quad", "uniform"] = "quad",
+        t_start: int | None = None,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        clip_denoised: bool = True,
+        init: Literal["auto", "noise", "measurement"] = "auto",
+        prior_precision: PriorPrecision = "32",
+        seed: int = 0,
+        lpips: bool | None = None,
+        lpips_net: Literal["vgg", "alex"] = "vgg",
+        show_steps: bool = False,
+    ):
+        super().__init__()
+        prior_precision = str(prior_precision)
+        if prior_precision not in PRECISIONS:
+            raise ValueError(f"prior_precision must be one of {list(PRECISIONS)}, got {prior_precision!r}")
+        self.save_hyperparameters(ignore=["prior"])
+        self.hparams["prior"] = prior if isinstance(prior, str) else f"<{type(prior).__name__} object>"
+        self.hparams["prior_precision"] = prior_precision
+        self.prior: Prior = load_prior(prior, preset=preset) if isinstance(prior, str) else prior
+        self.prior.requires_grad_(False).eval()
+        self.prior.autocast_dtype = PRECISIONS[prior_precision]
+        self.sampler = DiffPIR(
+            self.prior.schedule,
+            steps=steps,
+            lambda_=lambda_,
+            zeta=zeta,
+            skip=skip,
+            t_start=t_start,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            clip_denoised=clip_denoised,
+            init=init,
+        )
+        self.seed = int(seed)
+        self.show_steps = show_steps
+        self.images_sampled = 0  # images run through the sampler by this process (skipped ones excluded)
+        self.__dict__["_lpips_metric"] = None  # not a submodule: kept out of state_dict and hparams
+
+    @property
+    def channels(self) -> int:
+        """Image channels the prior takes (1 or 3)."""
+        return int(self.prior.in_channels)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        want = self.hparams.lpips
+        if want is None or want:
+            from diffpir.metrics import LPIPSMetric, lpips_available
+
+            if want or lpips_available(self.hparams.lpips_net):
+                self.__dict__["_lpips_metric"] = LPIPSMetric(self.hparams.lpips_net).to(self.device)
+
+    @torch.no_grad()
+    def compute_metrics(self, restored: Tensor, truth: Tensor) -> list[dict[str, float]]:
+        """PSNR and SSIM on uint8-quantised images (and LPIPS when enabled) per image, as dicts."""
+        from diffpir.metrics import psnr, ssim
+
+        values: dict[str, Tensor] = {"psnr": psnr(restored, truth)}
+        if min(truth.shape[-2:]) >= 11:  # SSIM's 11x11 window
+            values["ssim"] = ssim(restored, truth)
+        metric = self.__dict__["_lpips_metric"]
+        if metric is not None and min(truth.shape[-2:]) >= 32:  # the backbones pool 4-5 times
+            a, b = restored, truth
+            if a.shape[1] == 1:
+                a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+            values["lpips"] = metric(a, b)
+        return [{k: float(v[i]) for k, v in values.items()} for i in range(truth.shape[0])]
+
+    # -- prediction -------------------------------------------------------------------------------------------
+    def _done_checks(self) -> list[Callable[[str], bool]]:
+        trainer = self._trainer
+        if trainer is None:
+            return []
+        return [cb.is_done for cb in trainer.callbacks if callable(getattr(cb, "is_done", None))]
+
+    def _step_hooks(self, batch: RestorationBatch) -> list[StepHook]:
+        trainer = self._trainer
+        hooks: list[StepHook] = []
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                make = getattr(cb, "sampler_callback", None)
+                hook = make(self, batch) if callable(make) else None
+                if hook is not None:
+                    hooks.append(hook)
+        return hooks
+
+    def predict_step(
+        self, batch: RestorationBatch | Sequence[RestorationBatch], batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """Restore every image of ``batch`` (one or several size groups) not yet done; one dict per image."""
+        groups = [batch] if isinstance(batch, RestorationBatch) else list(batch)
+        done = self._done_checks()
+        out: list[dict[str, Any]] = []
+        for group in groups:
+            todo = [i for i, k in enumerate(group.keys) if not any(check(k) for check in done)]
+            if not todo:
+                continue
+            if len(todo) < len(group):
+                group = group.select(todo)
+            out.extend(self.restore(group))
+        return out
+
+    def restore(self, batch: RestorationBatch) -> list[dict[str, Any]]:
+        """Run the sampler on one size group and package the per-image results."""
+        gens = [image_generator(self.seed, key, "sample") for key in batch.keys]
+        hooks = self._step_hooks(batch)
+        bar = None
+        if self.show_steps:
+            from tqdm.auto import tqdm
+
+            rank_zero = self._trainer is None or self._trainer.is_global_zero
+            bar = tqdm(
+                total=self.sampler.nfe, desc=f"sampling {len(batch)} image(s)", leave=False, disable=not rank_zero
+            )
+
+        def callback(state: StepState) -> None:
+            for hook in hooks:
+                hook(state)
+            if bar is not None:
+                bar.update(1)
+
+        start = time.perf_counter()
+        x = self.sampler(
+            batch.y.float(),
+            batch.op,
+            self.prior,
+            sigma_n=batch.sigma_n,
+            generator=gens,
+            callback=callback if (hooks or bar is not None) else None,
+        )
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        seconds = (time.perf_counter() - start) / len(batch)
+        if bar is not None:
+            bar.close()
+        self.images_sampled += len(batch)
+        restored = x.clamp(0, 1)
+        metrics = self.compute_metrics(restored, batch.x) if batch.x is not None else [{} for _ in batch.keys]
+        restored, y = restored.cpu(), batch.y.cpu()
+        truth = batch.x.cpu() if batch.x is not None else None
+        return [
+            {
+                "key": key,
+                "restored": restored[i],
+                "degraded": y[i],
+                "truth": None if truth is None else truth[i],
+                "metrics": metrics[i],
+                "seconds": seconds,
+                "nfe": self.sampler.nfe,
+            }
+            for i, key in enumerate(batch.keys)
+        ]
+
+    def forward(self, y: Tensor, op: DataOperator, sigma_n: float, keys: Sequence[str]) -> Tensor:
+        """Restore ``y`` ``[N, C, h, w]`` through ``op`` outside a Trainer (per-key generators as in predict)."""
+        gens = [image_generator(self.seed, key, "sample") for key in keys]
+        return self.sampler(y, op, self.prior, sigma_n=sigma_n, generator=gens).clamp(0, 1)

@@ -1,0 +1,263 @@
+"""Degradation specs: from a task description to per-image operator parameters, operators and measurements.
+
+A :class:`Degradation` names a task and its parameters. Two uses:
+
+- benchmark mode: :func:`synthesize_params` draws the per-image parameters (blur kernel, inpainting mask) from a
+  generator seeded by ``(seed, image key)`` and :func:`degrade` makes ``y = H(x) + sigma_n n`` deterministically;
+- real mode: :func:`load_params` reads the known parameters (kernel file, mask image) for a measured ``y``.
+
+Either way :func:`build_operator` turns parameters stacked over a batch (kernels ``[N, kh, kw]``, masks
+``[N, 1, H, W]``) into one batched :class:`~diffpir.operators.Operator`.
+
+Ranges: images in [0, 1]; ``sigma_n`` is the noise std on the [0, 1] scale (the paper's "std 2 sigma_n on
+[-1, 1]").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffpir.operators import (
+    Bicubic,
+    Blur,
+    Denoise,
+    Downsample,
+    Inpaint,
+    Operator,
+    box_mask,
+    gaussian_kernel,
+    load_kernel,
+    load_mask,
+    motion_kernel,
+    random_mask,
+)
+
+__all__ = [
+    "TASKS",
+    "Degradation",
+    "Task",
+    "build_operator",
+    "degrade",
+    "image_generator",
+    "load_params",
+    "stable_seed",
+    "synthesize_params",
+]
+
+Task = Literal[
+    "deblur_gaussian",
+    "deblur_motion",
+    "deblur",
+    "sr_x4",
+    "sr",
+    "inpaint_box",
+    "inpaint_random",
+    "inpaint_mask",
+    "denoise",
+]
+TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+_PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from the string forms of ``parts`` (e.g. ``(seed, key, "noise")``), stable across runs,
+    processes and machines (SHA-256, unlike Python's salted ``hash``)."""
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little") >> 1
+
+
+def image_generator(seed: int, key: str, purpose: str) -> torch.Generator:
+    """A CPU generator seeded by ``(seed, key, purpose)``: one independent stream per image and use
+    (``"operator"`` for kernels and masks, ``"noise"`` for the measurement noise, ``"sample"`` for the sampler)."""
+    return torch.Generator().manual_seed(stable_seed(seed, key, purpose))
+
+
+@dataclass
+class Degradation:
+    """A degradation task and its parameters (the paper's protocol by default).
+
+    Attributes:
+        task: ``deblur_gaussian`` (Gaussian kernel ``kernel_size``, std ``kernel_std``), ``deblur_motion`` (random
+            camera-shake kernel, ``motion_intensity``), ``deblur`` (the kernel file(s) in ``kernel``), ``sr_x4`` /
+            ``sr`` (downsampling by ``scale``, 4 for ``sr_x4``; ``sr_kernel`` says how), ``inpaint_box`` (one
+            missing ``box``), ``inpaint_random`` (pixels missing with probability ``missing``), ``inpaint_mask``
+            (the mask file(s) in ``mask``) or ``denoise``.
+        sigma_n: measurement noise std on the [0, 1] scale (added in benchmark mode, assumed in both modes).
+        kernel_size: odd size of generated kernels (the paper: 61).
+        kernel_std: Gaussian std in pixels (the paper: 3.0).
+        kernel_std_max: when set, each image's std is drawn uniformly from ``[kernel_std, kernel_std_max)`` (the
+            official code draws ``3 * U[1, 3)``, i.e. 3.0 .. 9.0).
+        motion_intensity: camera-shake intensity in [0, 1] (the paper: 0.5).
+        kernel: a kernel file (``.npy``, ``.pt``, image) shared by all images, or a folder of per-image kernels
+            named ``<key>.<suffix>``. Replaces the generated kernel of the blur and ``sr_kernel="kernel"`` tasks.
+        scale: integer downsampling factor of ``sr``.
+        sr_kernel: ``"bicubic"`` (MATLAB-style bicubic downsampling, the paper's protocol) or ``"kernel"``
+            (blur by the Gaussian ``kernel_size``/``kernel_std``, or ``kernel``, then keep every ``scale``-th pixel).
+        box: side of the missing box (None: half the image's short side, 128 on 256x256 as in the paper).
+        margin: least distance of the box to the border (None: 1/16 of the short side, 16 on 256x256).
+        missing: fraction of pixels missing in ``inpaint_random`` (shared by the channels).
+        mask: a mask image (white = known, black = missing) shared by all images, or a folder of per-image masks
+            named ``<key>.<suffix>``; required by ``inpaint_mask`` and by inpainting in real mode.
+    """
+
+    task: Task = "deblur_gaussian"
+    sigma_n: float = 0.05
+    kernel_size: int = 61
+    kernel_std: float = 3.0
+    kernel_std_max: float | None = None
+    motion_intensity: float = 0.5
+    kernel: str | None = None
+    scale: int = 4
+    sr_kernel: Literal["bicubic", "kernel"] = "bicubic"
+    box: int | None = None
+    margin: int | None = None
+    missing: float = 0.5
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        if not (self.sigma_n >= 0 and self.sigma_n == self.sigma_n):
+            raise ValueError(f"sigma_n must be a number >= 0, got {self.sigma_n}")
+        if self.task == "sr_x4" and self.scale != 4:
+            raise ValueError(f"task 'sr_x4' has scale 4, got scale={self.scale}: use task 'sr' for other scales")
+        if self.task == "deblur" and self.kernel is None:
+            raise ValueError("task 'deblur' needs a kernel file or folder: set kernel")
+        if self.task == "inpaint_mask" and self.mask is None:
+            raise ValueError("task 'inpaint_mask' needs a mask image or folder: set mask")
+        if self.sr_kernel not in ("bicubic", "kernel"):
+            raise ValueError(f"sr_kernel must be 'bicubic' or 'kernel', got {self.sr_kernel!r}")
+        if self.kernel_std_max is not None and self.kernel_std_max < self.kernel_std:
+            raise ValueError(f"kernel_std_max={self.kernel_std_max} is below kernel_std={self.kernel_std}")
+
+    # -- what the task is made of -----------------------------------------------------------------------------
+    @property
+    def family(self) -> Literal["blur", "sr", "inpaint", "denoise"]:
+        """The operator family: ``blur``, ``sr``, ``inpaint`` or ``denoise``."""
+        if self.task.startswith("deblur"):
+            return "blur"
+        if self.task.startswith("sr"):
+            return "sr"
+        if self.task.startswith("inpaint"):
+            return "inpaint"
+        return "denoise"
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.family == "blur" or (self.family == "sr" and self.sr_kernel == "kernel")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this (the SR scale; 1 otherwise)."""
+        return self.scale if self.family == "sr" else 1
+
+    def to_dict(self) -> dict:
+        """The spec as a dict of primitive values."""
+        return asdict(self)
+
+
+def _per_key_file(path: str, key: str, what: str) -> Path:
+    """``path`` itself when it is a file, else ``<path>/<key>.<suffix>`` (the first suffix that exists)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise ValueError(f"{what} {path!r} is neither a file nor a folder")
+    for suffix in _PARAM_SUFFIXES:
+        cand = p / f"{key}{suffix}"
+        if cand.is_file():
+            return cand
+    raise ValueError(f"no {what} for image {key!r} in folder {path!r} (looked for {key}.<npy|pt|png|...>)")
+
+
+def _kernel(spec: Degradation, key: str, g: torch.Generator) -> Tensor:
+    if spec.kernel is not None:
+        return load_kernel(_per_key_file(spec.kernel, key, "kernel"))
+    if spec.task == "deblur_motion":
+        return motion_kernel(spec.kernel_size, spec.motion_intensity, generator=g)
+    std = spec.kernel_std
+    if spec.kernel_std_max is not None:
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        std = spec.kernel_std + (spec.kernel_std_max - spec.kernel_std) * u
+    return gaussian_kernel(spec.kernel_size, std)
+
+
+def _box_geometry(spec: Degradation, h: int, w: int) -> tuple[int, int]:
+    short = min(h, w)
+    box = spec.box if spec.box is not None else short // 2
+    margin = spec.margin if spec.margin is not None else short // 16
+    return box, margin
+
+
+def synthesize_params(spec: Degradation, key: str, h: int, w: int, seed: int) -> dict[str, Tensor]:
+    """Benchmark mode: the operator parameters of one image of size ``h x w``, drawn from a generator seeded by
+    ``(seed, key, "operator")``: ``{"kernel": [kh, kw]}``, ``{"mask": [1, h, w]}`` or ``{}``."""
+    g = image_generator(seed, key, "operator")
+    if spec.uses_kernel:
+        return {"kernel": _kernel(spec, key, g)}
+    if spec.task == "inpaint_box":
+        box, margin = _box_geometry(spec, h, w)
+        return {"mask": box_mask(h, w, box, margin, generator=g)}
+    if spec.task == "inpaint_random":
+        return {"mask": random_mask(h, w, spec.missing, generator=g)}
+    if spec.task == "inpaint_mask":
+        return {"mask": load_mask(_per_key_file(spec.mask, key, "mask"), size=(h, w))}
+    return {}
+
+
+def load_params(spec: Degradation, key: str, h: int, w: int) -> dict[str, Tensor]:
+    """Real mode: the known operator parameters of one measured image whose restoration is ``h x w``.
+
+    Blur with a random kernel (``deblur_motion``, or a Gaussian with ``kernel_std_max``) needs ``kernel``;
+    inpainting needs ``mask``. Raises ``ValueError`` saying what is missing.
+    """
+    if spec.uses_kernel:
+        if spec.kernel is None and (spec.task == "deblur_motion" or spec.kernel_std_max is not None):
+            raise ValueError(f"real mode with task {spec.task!r} needs the blur kernel: set kernel to a file or folder")
+        return {"kernel": _kernel(spec, key, torch.Generator().manual_seed(0))}
+    if spec.family == "inpaint":
+        if spec.mask is None:
+            raise ValueError(f"real mode with task {spec.task!r} needs the mask: set mask to an image or folder")
+        return {"mask": load_mask(_per_key_file(spec.mask, key, "mask"), size=(h, w))}
+    return {}
+
+
+def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
+    """The batched operator for parameters stacked over a batch (``kernel`` ``[N, kh, kw]``, ``mask``
+    ``[N, 1, H, W]``; absent for bicubic SR and denoising).
+
+    The operator is built outside inference mode (on copies of ``params``), so it works when built inside
+    ``Trainer.predict`` (inference tensors have no version counter, which kernel operators use for caching).
+    """
+    with torch.inference_mode(False):
+        return _build_operator(spec, {k: v.clone() for k, v in params.items()})
+
+
+def _build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
+    fam = spec.family
+    if fam == "blur":
+        return Blur(params["kernel"])
+    if fam == "sr":
+        if spec.sr_kernel == "bicubic":
+            return Bicubic(spec.scale)
+        return Downsample(spec.scale, params["kernel"])
+    if fam == "inpaint":
+        return Inpaint(params["mask"])
+    return Denoise()
+
+
+@torch.no_grad()
+def degrade(spec: Degradation, x: Tensor, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    """Benchmark mode: ``y = H(x) + sigma_n n`` for one image ``x`` ``[C, H, W]`` in [0, 1], with ``n`` drawn
+    from ``generator``. ``y`` is not clipped (a measurement, not a picture)."""
+    op = build_operator(spec, {k: v[None] for k, v in params.items()})
+    y = op(x[None].float())[0]
+    if spec.sigma_n > 0:
+        y = y + spec.sigma_n * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    return y

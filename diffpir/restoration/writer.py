@@ -1,0 +1,235 @@
+"""Writing restorations: PNGs per image, metrics gathered across ranks into one CSV and a JSON summary.
+
+Layout of ``output_dir``::
+
+    restored/<name>.png      the restored image (always)
+    degraded/<name>.png      the measurement y, clipped to [0, 1] (save_degraded)
+    grid/<name>.png          degraded | restored | truth side by side (save_grid; y upsampled for SR)
+    metrics/rank<r>.jsonl    per-rank part files, one JSON row per image (appended, never rewritten)
+    metrics.csv              merged rows, one per image, sorted by key
+    summary.json             mean of each metric, counts, the run's settings
+
+``<name>`` is :func:`diffpir.io.safe_output_name` of the image key. Every file is written atomically (temporary
+file, then rename). An image counts as done when all its requested PNGs exist; the module skips done images
+without sampling them, so a rerun only restores what is missing. A metrics row is appended before the PNGs are
+written, so a crash never leaves a done image without its row.
+
+Merging (rank 0, in ``on_predict_end`` after a barrier): all part files are read, rows are deduplicated by key
+(the most recently written wins: reruns and any repeated images), and only keys of the current data set whose
+restored PNG exists are kept. So nothing is lost or duplicated, whatever the number of ranks or a distributed
+sampler's padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+from diffpir.io import safe_output_name, write_png_atomic
+
+__all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_rows"]
+
+METRIC_ORDER = ("psnr", "ssim", "lpips")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metric_rows(parts_dir: Path) -> dict[str, dict[str, Any]]:
+    """The latest row per key over all ``*.jsonl`` part files in ``parts_dir`` (truncated lines skipped)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for part in sorted(parts_dir.glob("*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            key = row.get("key") if isinstance(row, dict) else None
+            if key is None:
+                continue
+            if key not in latest or row.get("written", 0) >= latest[key].get("written", 0):
+                latest[key] = row
+    return latest
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return math.fsum(vals) / len(vals) if vals else None
+
+
+def merge_metrics(
+    output_dir: str | os.PathLike, keys: Sequence[str] | None = None, settings: dict | None = None
+) -> dict[str, Any]:
+    """Merge the part files of ``output_dir`` into ``metrics.csv`` and ``summary.json``; return the summary.
+
+    Args:
+        output_dir: the writer's folder.
+        keys: keep only these keys (the current data set); None keeps every key with a restored PNG.
+        settings: recorded in the summary (the module's and data's hyper-parameters).
+    """
+    out = Path(output_dir)
+    rows = read_metric_rows(out / "metrics")
+    wanted = set(keys) if keys is not None else None
+    rows = {
+        k: r
+        for k, r in rows.items()
+        if (wanted is None or k in wanted) and (out / "restored" / r.get("file", "")).is_file()
+    }
+    metrics = [m for m in METRIC_ORDER if any(m in r for r in rows.values())]
+    columns = ["key", "file", *metrics, "seconds", "nfe"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for k in sorted(rows):
+        r = rows[k]
+        w.writerow({c: _fmt(r.get(c)) for c in columns})
+    _write_text_atomic(out / "metrics.csv", buf.getvalue())
+    summary = {
+        "count": len(rows),
+        "count_with_truth": sum(1 for r in rows.values() if "psnr" in r),
+        "mean": {m: _mean([r.get(m) for r in rows.values()]) for m in metrics},
+        "seconds_per_image": _mean([r.get("seconds") for r in rows.values()]),
+        "settings": settings or {},
+    }
+    _write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return "" if v is None else v
+
+
+def _public(hparams: Any) -> dict[str, Any]:
+    """Hyper-parameters without private entries (LightningCLI's ``_instantiator``)."""
+    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
+
+
+def _upsample_to(y: Tensor, h: int, w: int) -> Tensor:
+    """``y`` ``[C, h', w']`` shown at ``h x w`` (nearest, for SR measurements)."""
+    if tuple(y.shape[-2:]) == (h, w):
+        return y
+    return F.interpolate(y[None], size=(h, w), mode="nearest")[0]
+
+
+class RestorationWriter(BasePredictionWriter):
+    """Writes what :class:`~diffpir.restoration.RestorationModule` predicts, batch by batch (see the module
+    docstring for the layout).
+
+    Args:
+        output_dir: where everything goes.
+        save_degraded: also write the measurement ``y`` (clipped to [0, 1]).
+        save_grid: also write a degraded | restored | truth grid (``torchvision.utils.make_grid``).
+        overwrite: restore and write images even when their outputs exist (default: skip them).
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "outputs/restore",
+        save_degraded: bool = False,
+        save_grid: bool = False,
+        overwrite: bool = False,
+    ):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.save_degraded = save_degraded
+        self.save_grid = save_grid
+        self.overwrite = overwrite
+        self.summary: dict[str, Any] | None = None
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    def path(self, kind: str, key: str) -> Path:
+        """``<output_dir>/<kind>/<safe name>.png`` for ``kind`` in restored, degraded, grid."""
+        return self.output_dir / kind / f"{safe_output_name(key)}.png"
+
+    def _kinds(self) -> list[str]:
+        return [k for k, on in (("degraded", self.save_degraded), ("grid", self.save_grid)) if on] + ["restored"]
+
+    def is_done(self, key: str) -> bool:
+        """True when every requested output of ``key`` exists (and ``overwrite`` is off)."""
+        return not self.overwrite and all(self.path(kind, key).is_file() for kind in self._kinds())
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def _append_row(self, trainer: L.Trainer, item: dict[str, Any]) -> None:
+        row = {
+            "key": item["key"],
+            "file": f"{safe_output_name(item['key'])}.png",
+            **item.get("metrics", {}),
+            "seconds": item.get("seconds"),
+            "nfe": item.get("nfe"),
+            "rank": trainer.global_rank,
+            "written": time.time(),
+        }
+        part = self.output_dir / "metrics" / f"rank{trainer.global_rank}.jsonl"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def write_item(self, trainer: L.Trainer, item: dict[str, Any]) -> None:
+        """Write one image's row and PNGs (the restored PNG last: it marks the image done)."""
+        from torchvision.utils import make_grid
+
+        key, restored = item["key"], item["restored"]
+        self._append_row(trainer, item)
+        y = item["degraded"].clamp(0, 1)
+        if self.save_degraded:
+            write_png_atomic(y, self.path("degraded", key))
+        if self.save_grid:
+            h, w = restored.shape[-2:]
+            panels = [_upsample_to(y, h, w), restored.clamp(0, 1)]
+            if item.get("truth") is not None:
+                panels.append(item["truth"].clamp(0, 1))
+            grid = make_grid(torch.stack(panels), nrow=len(panels), padding=2, pad_value=1.0)
+            write_png_atomic(grid[: restored.shape[0]], self.path("grid", key))
+        write_png_atomic(restored, self.path("restored", key))
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        for item in prediction or []:
+            self.write_item(trainer, item)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Wait for every rank, then merge the part files on rank 0."""
+        trainer.strategy.barrier("restoration_writer_merge")
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        keys = list(dm.keys) if dm is not None and hasattr(dm, "keys") else None
+        settings = {"model": _public(pl_module.hparams)}
+        if dm is not None:
+            settings["data"] = _public(dm.hparams)
+        settings["world_size"] = trainer.world_size
+        self.summary = merge_metrics(self.output_dir, keys, settings)
