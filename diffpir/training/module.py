@@ -1,0 +1,352 @@
+"""The LightningModule that trains an eps-prediction diffusion prior (DDPM's simple loss) with EMA weights."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from diffpir.schedule import NoiseSchedule
+from diffpir.training.data import mix_seed
+from diffpir.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+PRIOR_FORMAT = 1
+
+
+class LinearWarmup:
+    """LR factor for ``LambdaLR``: rises linearly from ``1 / steps`` to 1 over ``steps`` optimizer steps."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def __call__(self, step: int) -> float:
+        return 1.0 if self.steps <= 0 else min(1.0, (step + 1) / self.steps)
+
+
+def one_step_denoise(net: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule, x: Tensor, sigma: float):
+    """Denoise ``x = x0 + sigma * n`` (both on the [-1, 1] scale) with one call of an eps-network.
+
+    1. ``t`` = the timestep whose ``sigma_bar_t`` is nearest to ``sigma``;
+    2. ``x_t = sqrt(alpha_bar_t) * x`` (then ``x_t`` is distributed as the forward process at ``t``);
+    3. ``x0 = (x_t - sqrt(1 - alpha_bar_t) * eps(x_t, t)) / sqrt(alpha_bar_t)`` (first C output channels).
+
+    Returns the x0 estimate on the [-1, 1] scale, not clipped.
+    """
+    n, c = x.shape[:2]
+    t = torch.full((n,), int(schedule.timestep_for_sigma(float(sigma))), dtype=torch.long, device=x.device)
+    x_t = schedule.extract("sqrt_alphas_cumprod", t, x) * x
+    eps = net(x_t, t)[:, :c].to(x.dtype)
+    return schedule.x0_from_eps(x_t, t, eps)
+
+
+def _prior_denoiser(net: nn.Module, schedule: NoiseSchedule) -> Callable[[Tensor, float], Tensor]:
+    """``Prior(net, schedule).denoise`` when :mod:`diffpir.prior` provides it, else :func:`one_step_denoise`."""
+    try:
+        from diffpir.prior import Prior
+
+        return Prior(net, schedule).denoise
+    except (ImportError, AttributeError):  # no diffpir.prior, or a net without the UNet attributes Prior reads
+        return lambda x, sigma: one_step_denoise(net, schedule, x, sigma)
+
+
+class DiffusionModule(LightningModule):
+    """Trains ``net`` to predict the noise of the DDPM forward process (Ho et al. 2020, the "simple" loss).
+
+    Loss: for images ``x0`` (the loader's [0, 1] batch mapped to [-1, 1]), ``t ~ U{0, ..., T-1}`` and
+    ``eps ~ N(0, I)``: ``mean ||eps - net(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t)[:, :C]||^2``.
+
+    learn_sigma nets (``out_channels == 2 C``, e.g. the official guided-diffusion checkpoints used through
+    ``init_from``): only the first C output channels (eps) enter the loss; the variance channels get no loss
+    term. Their output rows of the last conv receive exactly zero gradient, so with the default
+    ``weight_decay=0`` AdamW leaves those rows bit-for-bit unchanged (the variance output still drifts a little,
+    as the shared trunk is trained). DiffPIR uses eps only; sampling with learned variances after fine-tuning
+    is not supported.
+
+    Randomness: the ``t`` and noise of training step ``s`` are drawn from a generator seeded by
+    ``(seed, s, micro-batch, rank)``, and the data order and crops are seeded per epoch, with the position in
+    the epoch saved in checkpoints (see :mod:`diffpir.training.data`), so a resumed run repeats an
+    uninterrupted run exactly (on the same hardware), also from a mid-epoch checkpoint.
+
+    Validation (EMA weights when EMA is on; fixed seeds, so epochs compare):
+
+    - ``val/loss``: the same loss, with ``t`` stratified over ``val_buckets`` equal buckets, and
+      ``val/loss_t{lo}-{hi}`` per bucket (``hi`` inclusive);
+    - ``val/psnr_sigma{s}``: PSNR (dB, images in [0, 1] = 0-255 PSNR) of the one-step denoiser at noise std
+      ``s`` on the 0-255 scale, ``x0 = D(x + s/255 n)`` (see :func:`one_step_denoise`).
+
+    Args:
+        net: the eps-network, ``net(x [N, C, H, W] in [-1, 1], t [N] int64) -> [N, C or 2C, H, W]``; with a
+            ``config`` dict (diffpir's :class:`~diffpir.models.UNet`) checkpoints also carry an exportable prior.
+        lr: AdamW peak learning rate, reached after ``warmup_steps`` (linear warm-up, stepped per step).
+        weight_decay: AdamW's decoupled weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: linear LR warm-up length in optimizer steps (0: none).
+        ema_decay: EMA decay (None: no EMA; validation and export then use the raw weights).
+        ema_warmup: warm-up-aware EMA decay ``min(decay, (1 + n) / (10 + n))``.
+        num_timesteps, beta_start, beta_end: the linear DDPM schedule.
+        seed: seed of the training noise and of the validation noise.
+        compile: ``torch.compile`` the network's training forward (CUDA only; ignored on CPU).
+        init_from: a prior to start from (any path or name :func:`diffpir.prior.load_prior` accepts, e.g. an
+            official guided-diffusion ``.pt`` with ``init_preset``); loaded at the start of ``fit`` unless the fit
+            resumes from a checkpoint.
+        init_preset: the UNet preset of ``init_from`` when the file does not say (official ``.pt`` files).
+        val_sigmas: noise levels (0-255 scale) of the one-step denoising PSNR.
+        val_buckets: number of timestep buckets of the validation loss.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        ema_decay: float | None = 0.999,
+        ema_warmup: bool = True,
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        seed: int = 0,
+        compile: bool = False,
+        init_from: str | None = None,
+        init_preset: str | None = None,
+        val_sigmas: Sequence[float] = (15.0, 25.0, 50.0),
+        val_buckets: int = 10,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.schedule = NoiseSchedule.linear(num_timesteps, beta_start, beta_end)
+        self.ema = EMA(net, ema_decay, ema_warmup) if ema_decay is not None else None
+        self._compiled: Callable | None = None
+        self._gen: torch.Generator | None = None
+        self.val_sigmas = [float(s) for s in val_sigmas]
+        T = num_timesteps
+        self.bucket_edges = [(k * T // val_buckets, (k + 1) * T // val_buckets - 1) for k in range(val_buckets)]
+        self.val_bucket_loss = nn.ModuleList([MeanMetric() for _ in self.bucket_edges])
+        self.val_psnr = nn.ModuleList([MeanMetric() for _ in self.val_sigmas])
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Image channels C (the net's ``in_channels`` when it says, else its first conv's)."""
+        config = getattr(self.net, "config", None)
+        if config and "in_channels" in config:
+            return int(config["in_channels"])
+        return int(next(m for m in self.net.modules() if isinstance(m, nn.Conv2d)).in_channels)
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights used for validation, samples and export: the EMA copy if any, else the raw net."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def prior_spec(self) -> dict[str, Any]:
+        """``{"format", "unet", "schedule"}`` of the contract (docs/CONTRACTS.md), without weights."""
+        config = getattr(self.net, "config", None)
+        hp = self.hparams
+        return {
+            "format": PRIOR_FORMAT,
+            "unet": dict(config) if config is not None else None,
+            "schedule": {
+                "kind": "linear",
+                "T": int(hp.num_timesteps),
+                "beta_start": float(hp.beta_start),
+                "beta_end": float(hp.beta_end),
+            },
+        }
+
+    def _forward_train(self, x: Tensor, t: Tensor) -> Tensor:
+        return (self._compiled or self.net)(x, t)
+
+    @staticmethod
+    def _images(batch: Any) -> Tensor:
+        """The image tensor of a batch (a tensor, or the first entry of a tuple/list, or ``batch["image"]``)."""
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        elif isinstance(batch, dict):
+            batch = batch["image"]
+        return batch
+
+    def _train_generator(self, batch_idx: int) -> torch.Generator:
+        if self._gen is None or self._gen.device != self.device:
+            self._gen = torch.Generator(device=self.device)
+        # Seeded by the optimizer step (and the micro-batch within gradient accumulation), not by batch_idx:
+        # Lightning may renumber batches on resume.
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro = batch_idx % accumulate
+        return self._gen.manual_seed(mix_seed(self.hparams.seed, 3, self.global_step, micro, self.global_rank))
+
+    # -- the shared step ----------------------------------------------------------------------------------------
+    def model_step(
+        self, batch: Any, generator: torch.Generator, stratify: int = 0, offset: int = 0
+    ) -> dict[str, Tensor]:
+        """The DDPM simple loss of a batch of [0, 1] images.
+
+        :param generator: draws ``t`` and the noise (on its own device; results are moved to the batch's).
+        :param stratify: if > 0, ``t`` of image ``i`` is drawn from bucket ``(i + offset) % stratify`` of that
+            many equal buckets (lower-variance per-bucket estimates for validation); else ``t ~ U{0..T-1}``.
+        :return: ``{"loss": scalar, "per_image": [N] loss of each image, "t": [N]}``.
+        """
+        x0 = self._images(batch) * 2.0 - 1.0
+        n, T, dev = x0.shape[0], self.schedule.T, generator.device
+        if stratify:
+            b = (torch.arange(n, device=dev) + offset) % stratify
+            lo, hi = b * T // stratify, (b + 1) * T // stratify
+            t = lo + (torch.rand(n, generator=generator, device=dev) * (hi - lo)).long().clamp_max(hi - lo - 1)
+        else:
+            t = torch.randint(0, T, (n,), generator=generator, device=dev)
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        t, noise = t.to(x0.device), noise.to(x0.device)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        net = self._forward_train if self.training else self.eval_net
+        eps = net(x_t, t)[:, : x0.shape[1]]
+        per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+        return {"loss": per_image.mean(), "per_image": per_image, "t": t}
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        out = self.model_step(batch, self._train_generator(batch_idx))
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=out["t"].shape[0])
+        return out["loss"]
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # One EMA update right after each optimizer step (so before any checkpoint callback of this batch).
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(hp.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def setup(self, stage: str) -> None:
+        self._check_data()
+        if stage == "fit" and self.hparams.init_from:
+            if self._trainer is not None and self._trainer.ckpt_path:
+                log.info("resuming from %s: init_from is not loaded", self._trainer.ckpt_path)
+            else:
+                self.load_init_weights(self.hparams.init_from, self.hparams.init_preset)
+        if self.hparams.compile and self._compiled is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            if device.type == "cuda":
+                self.enable_compile()
+            else:
+                log.info("compile=True ignored on %s (torch.compile is used on CUDA only)", device.type)
+
+    def enable_compile(self) -> None:
+        """Run the training forward through ``torch.compile(net)``. The compiled wrapper is kept out of the
+        module tree, so the checkpoint keys stay those of the plain network (validation runs uncompiled)."""
+        object.__setattr__(self, "_compiled", torch.compile(self.net))
+
+    def _check_data(self) -> None:
+        dm = getattr(self._trainer, "datamodule", None)
+        channels = getattr(dm, "channels", None)
+        if channels is not None and int(channels) != self.channels:
+            raise ValueError(
+                f"the data has {channels} channel(s) but the network takes {self.channels}: set data.channels "
+                f"to {self.channels} or pick a network preset with in_channels={channels}"
+            )
+        crop, multiple = getattr(dm, "crop_size", None), getattr(self.net, "size_multiple", 1)
+        if crop is not None and crop % multiple:
+            raise ValueError(f"data.crop_size={crop} must be a multiple of the network's size_multiple={multiple}")
+
+    @torch.no_grad()
+    def load_init_weights(self, source: str, preset: str | None = None) -> None:
+        """Load the weights of a prior (path or name, see :func:`diffpir.prior.load_prior`) into the net (and
+        restart the EMA there). The prior's UNet must have the same architecture as ``net``."""
+        from diffpir.prior import load_prior
+
+        prior = load_prior(source, preset=preset, map_location="cpu")
+        src = getattr(prior, "net", prior)
+        state = src.state_dict()
+        try:
+            self.net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(
+                f"init_from={source!r} does not fit the training network (different architecture): give the "
+                f"network the prior's preset/config{f' ({preset})' if preset else ''}.\n{err}"
+            ) from err
+        if self.ema is not None:
+            self.ema.copy_from(self.net)
+        rank_zero_info(f"initialised the network from {source}")
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x = self._images(batch)
+        n = x.shape[0]
+        # Validation noise comes from CPU generators with fixed seeds: identical across epochs and devices.
+        gen = torch.Generator().manual_seed(mix_seed(self.hparams.seed, 5, batch_idx))
+        out = self.model_step(x, gen, stratify=len(self.bucket_edges), offset=batch_idx)
+        self.log("val/loss", out["loss"], batch_size=n, sync_dist=True)
+        k = len(self.bucket_edges)
+        bucket = out["t"] * k // self.schedule.T
+        for b, metric in enumerate(self.val_bucket_loss):
+            # Always update (weight 0 when the bucket is empty) so that every rank syncs every metric.
+            sel = (bucket == b).float()
+            count = sel.sum()
+            metric.update((out["per_image"] * sel).sum() / count.clamp_min(1.0), count)
+        denoise = _prior_denoiser(self.eval_net, self.schedule)
+        for i, (sigma, metric) in enumerate(zip(self.val_sigmas, self.val_psnr)):
+            g = torch.Generator().manual_seed(mix_seed(self.hparams.seed, 11, i, batch_idx))
+            noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+            noisy = (x + sigma / 255.0 * noise) * 2.0 - 1.0  # x + sigma n on [0, 1] -> [-1, 1], std 2 sigma
+            x0 = (denoise(noisy, 2.0 * sigma / 255.0).float().clamp(-1, 1) + 1.0) / 2.0
+            mse = (x0 - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            metric.update(-10.0 * torch.log10(mse))
+
+    def on_validation_epoch_end(self) -> None:
+        for (lo, hi), metric in zip(self.bucket_edges, self.val_bucket_loss):
+            value = metric.compute()
+            metric.reset()
+            if torch.isfinite(value):
+                self.log(f"val/loss_t{lo}-{hi}", value)
+        for sigma, metric in zip(self.val_sigmas, self.val_psnr):
+            value = metric.compute()
+            metric.reset()
+            self.log(f"val/psnr_sigma{sigma:g}", value)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add ``checkpoint["diffpir_prior"]`` (docs/CONTRACTS.md): spec + EMA (else raw) weights on the CPU."""
+        spec = self.prior_spec()
+        if spec["unet"] is None:
+            return  # a network without a config cannot be rebuilt from the file
+        spec["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.eval_net.state_dict().items()}
+        checkpoint["diffpir_prior"] = spec
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any):
+        """Rebuild a module from a Lightning checkpoint of this class (network from ``diffpir_prior["unet"]``)."""
+        from diffpir.models import UNet
+
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if "diffpir_prior" not in ckpt:
+            raise ValueError(f"{path} has no 'diffpir_prior' entry: not a diffpir training checkpoint")
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "net"}
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in names}
+        hparams.update(overrides)
+        model = cls(net=UNet(**ckpt["diffpir_prior"]["unet"]), **hparams)
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+
+
+def loss_bucket_names(num_timesteps: int = 1000, buckets: int = 10) -> list[str]:
+    """The metric names of the per-bucket validation loss."""
+    T = num_timesteps
+    return [f"val/loss_t{k * T // buckets}-{(k + 1) * T // buckets - 1}" for k in range(buckets)]
+
+
+__all__ = ["DiffusionModule", "LinearWarmup", "loss_bucket_names", "one_step_denoise"]

@@ -1,0 +1,394 @@
+"""Training: image-folder data (seeded crops, errors), EMA, the DDPM loss, validation metrics, checkpoints,
+exact resume, DDP, the CLI (fit + export) and fine-tuning from a prior file. Tiny nets, tiny images."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torchvision.io import write_png
+
+from diffpir.models import build_unet
+from diffpir.prior import export_prior, load_prior
+from diffpir.schedule import NoiseSchedule
+from diffpir.training import (
+    EMA,
+    DiffusionModule,
+    EpochSampler,
+    ImageCropDataset,
+    ImageFolderDataModule,
+    SampleGridCallback,
+    ddim_sample,
+    list_images,
+    one_step_denoise,
+)
+from diffpir.training.cli import main as cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def write_images(folder: Path, n: int, size: tuple[int, int] = (20, 24), channels: int = 3, seed: int = 0):
+    """``n`` smooth random PNGs (uint8) of ``size`` (h, w) under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        low = torch.rand(channels, 1, 4, 4, generator=g)
+        img = torch.nn.functional.interpolate(low.transpose(0, 1), size=size, mode="bilinear")[0]
+        img = (img + 0.1 * torch.rand(img.shape, generator=g)).clamp(0, 1)
+        write_png((img * 255).round().to(torch.uint8), str(folder / f"img{i:02d}.png"))
+    return folder
+
+
+def tiny_net(seed: int = 0, **overrides) -> torch.nn.Module:
+    """The tiny preset with seeded (non-zero) weights, so outputs and gradients are not trivial."""
+    net = build_unet("tiny", **overrides)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.02))
+    return net
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_epochs=-1,
+    )
+    opts.update(kwargs)
+    return Trainer(**opts)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "images", 6)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def test_list_images_recursive_and_suffixes(tmp_path: Path):
+    write_images(tmp_path / "a", 2)
+    write_images(tmp_path / "a" / "deep", 1)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / "deep" / "img00.png").rename(tmp_path / "a" / "deep" / "UPPER.PNG")
+    files = list_images(tmp_path / "a")
+    assert [f.name for f in files] == ["UPPER.PNG", "img00.png", "img01.png"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "missing")
+
+
+def test_crops_seeded_per_epoch_and_index(images: Path):
+    ds = ImageCropDataset(list_images(images), crop_size=16, patches_per_image=3, seed=5)
+    assert len(ds) == 18
+    a, b = ds[(1, 4)], ds[(1, 4)]
+    assert a.shape == (3, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(ds[(1, 4)], ds[(2, 4)])  # a new epoch draws new crops
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(ds[4], ds[(0, 4)])  # a plain index is epoch 0
+    grey = ImageCropDataset(list_images(images), channels=1, crop_size=8, resize_to=12, scale_range=(0.5, 1.0))
+    assert grey[(0, 0)].shape == (1, 8, 8)
+
+
+def test_epoch_sampler_orders_by_epoch_and_splits_ranks(images: Path):
+    ds = ImageCropDataset(list_images(images), crop_size=16, patches_per_image=2)
+    s0 = EpochSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    s0.set_epoch(3)
+    keys = list(s0)
+    assert {e for e, _ in keys} == {3} and sorted(i for _, i in keys) == list(range(12))
+    again = EpochSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    again.set_epoch(3)
+    assert list(again) == keys  # epoch 3 has the same order whether or not epochs 0-2 ran first
+    ranks = [EpochSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0) for r in (0, 1)]
+    parts = [{i for _, i in s} for s in ranks]
+    assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(12))
+
+
+def test_loader_with_workers_gives_the_same_batches(images: Path):
+    batches = {}
+    for workers in (0, 2):
+        dm = ImageFolderDataModule(str(images), val_fraction=0, crop_size=16, patches_per_image=2, batch_size=4)
+        dm.num_workers = workers
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(2)
+        batches[workers] = torch.cat(list(loader))
+    assert torch.equal(batches[0], batches[2])
+
+
+def test_unreadable_files_are_skipped_counted_and_named(images: Path, caplog):
+    (images / "broken.png").write_bytes(b"not an image at all")
+    dm = ImageFolderDataModule(str(images), val_fraction=0, crop_size=16)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert dm.num_skipped == 1 and dm.train_set.bad_files[0].endswith("broken.png")
+    assert len(dm.train_set.files) == 6
+    assert "broken.png" in caplog.text
+
+
+def test_empty_folder_and_small_images_fail_clearly(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images .* found under .*empty"):
+        ImageFolderDataModule(str(tmp_path / "empty")).setup("fit")
+    write_images(tmp_path / "small", 2, size=(10, 30))
+    with pytest.raises(ValueError, match=r"img00\.png is 30x10, smaller than crop_size=16; lower crop_size"):
+        ImageFolderDataModule(str(tmp_path / "small"), val_fraction=0, crop_size=16).setup("fit")
+    write_images(tmp_path / "one", 1)
+    with pytest.raises(ValueError, match="too few to hold out"):
+        ImageFolderDataModule(str(tmp_path / "one"), val_fraction=0.5, crop_size=16).setup("fit")
+
+
+def test_validation_split_is_seeded_and_disjoint(tmp_path: Path):
+    write_images(tmp_path / "imgs", 10)
+    splits = [ImageFolderDataModule(str(tmp_path / "imgs"), val_fraction=0.2, seed=s).split_files() for s in (1, 1, 2)]
+    train, val = splits[0]
+    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
+    assert splits[0] == splits[1] and splits[0] != splits[2]
+
+
+# -- EMA ----------------------------------------------------------------------------------------------------
+def test_ema_warmup_decay_update_and_state():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert ema.update(net) == pytest.approx(0.1)
+    torch.testing.assert_close(ema.module.weight, 0.1 * before + 0.9 * net.weight)
+    for _ in range(200):
+        ema.update(net)
+    assert ema.current_decay() == 0.9 and int(ema.num_updates) == 201
+    restored = EMA(torch.nn.Linear(3, 2), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.count == 201 and torch.equal(restored.module.weight, ema.module.weight)
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert EMA(net, decay=0.9, warmup=False).current_decay() == 0.9
+
+
+# -- loss ---------------------------------------------------------------------------------------------------
+def test_model_step_is_the_ddpm_simple_loss_on_eps_channels():
+    net = tiny_net(out_channels=6)  # learn_sigma-style: eps then variance channels
+    module = DiffusionModule(net, ema_decay=None)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = module.model_step(x, torch.Generator().manual_seed(1))
+    # The same draws by hand.
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    sched = NoiseSchedule.linear()
+    x_t = sched.q_sample(x * 2 - 1, t, noise)
+    expected = (net(x_t, t)[:, :3] - noise).pow(2).mean()
+    assert torch.equal(out["t"], t)
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    head = net.out[-1]
+    assert head.weight.grad[3:].abs().max() == 0 and head.bias.grad[3:].abs().max() == 0
+    assert head.weight.grad[:3].abs().max() > 0
+
+
+def test_stratified_validation_timesteps_cover_all_buckets():
+    module = DiffusionModule(tiny_net(), ema_decay=None)
+    out = module.model_step(torch.rand(20, 3, 8, 8), torch.Generator().manual_seed(0), stratify=10, offset=3)
+    buckets = out["t"] // 100
+    assert sorted(buckets.tolist()) == sorted(list(range(10)) * 2)
+    assert buckets[0] == 3
+
+
+def test_one_step_denoise_is_exact_for_the_oracle_eps():
+    sched = NoiseSchedule.linear()
+    t = 300
+    sigma = float(sched.sigma_bar[t])
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    n = torch.randn(2, 3, 8, 8)
+    oracle = lambda x_t, tt: n  # noqa: E731 - the true eps of x_t = sqrt(ab) (x0 + sigma n)
+    torch.testing.assert_close(one_step_denoise(oracle, sched, x0 + sigma * n, sigma), x0, atol=1e-5, rtol=0)
+
+
+def test_hparams_are_primitive():
+    module = DiffusionModule(tiny_net(), val_sigmas=(25.0,))
+
+    def primitive(v):
+        if isinstance(v, (list, tuple)):
+            return all(primitive(u) for u in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and primitive(u) for k, u in v.items())
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    assert "net" not in module.hparams
+    assert all(primitive(v) for v in module.hparams.values())
+
+
+# -- fitting, checkpoints, resume ------------------------------------------------------------------------------
+def _dm(images: Path, **kw) -> ImageFolderDataModule:
+    opts = dict(val_fraction=0, crop_size=16, patches_per_image=2, batch_size=4, seed=0)
+    opts.update(kw)
+    return ImageFolderDataModule(str(images), **opts)
+
+
+def test_resume_continues_steps_optimizer_and_ema_exactly(images: Path, tmp_path: Path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    init = tiny_net(seed=3).state_dict()
+
+    def fresh() -> DiffusionModule:
+        net = build_unet("tiny")
+        net.load_state_dict(init)
+        return DiffusionModule(net, lr=1e-3, warmup_steps=4, ema_decay=0.9, seed=7)
+
+    # 6 images x 2 crops / batch 4 = 3 steps per epoch.
+    straight = fresh()
+    quiet_trainer(max_steps=6).fit(straight, _dm(images))
+
+    first = fresh()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    quiet_trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(first, _dm(images))
+    # step 2: mid-epoch; step 3: end of epoch 0.
+    for step in (2, 3):
+        ckpt = tmp_path / f"step={step}.ckpt"
+        saved = torch.load(ckpt, weights_only=True)["state_dict"]
+        resumed = fresh()
+        trainer = quiet_trainer(max_steps=6)
+        trainer.fit(resumed, _dm(images), ckpt_path=str(ckpt))
+        assert trainer.global_step == 6 and int(resumed.ema.num_updates) == 6
+        assert int(saved["ema.num_updates"]) == step
+        for name, a, b in [("net", straight.net, resumed.net), ("ema", straight.ema, resumed.ema)]:
+            for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+                assert torch.equal(va, vb), f"resumed from step {step}: {name}.{k} differs"
+
+
+def test_checkpoint_carries_the_prior_and_loads_weights_only(images: Path, tmp_path: Path):
+    module = DiffusionModule(tiny_net(), ema_decay=0.9)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, _dm(images))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    spec = ckpt["diffpir_prior"]
+    assert spec["format"] == 1 and spec["unet"] == module.net.config
+    assert spec["schedule"] == {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    ema_sd = module.ema.module.state_dict()
+    assert spec["state_dict"].keys() == ema_sd.keys()
+    assert all(torch.equal(spec["state_dict"][k], v) for k, v in ema_sd.items())
+    assert not torch.equal(ema_sd["out.2.weight"], module.net.state_dict()["out.2.weight"])
+    prior = load_prior(path)
+    assert torch.equal(prior.net.out[2].weight, module.ema.module.out[2].weight)
+    rebuilt = DiffusionModule.from_checkpoint(str(path))
+    assert torch.equal(rebuilt.ema.module.out[2].weight, module.ema.module.out[2].weight)
+
+
+def test_validation_metrics_are_logged_and_reproducible(images: Path):
+    module = DiffusionModule(tiny_net(), ema_decay=0.9, val_sigmas=(15, 25, 50))
+    dm = _dm(images, val_fraction=0.34, batch_size=2)
+    trainer = quiet_trainer(limit_val_batches=2)
+    first = trainer.validate(module, dm, verbose=False)[0]
+    second = trainer.validate(module, dm, verbose=False)[0]
+    assert first == second
+    for k in ("val/loss", "val/psnr_sigma15", "val/psnr_sigma25", "val/psnr_sigma50"):
+        assert math.isfinite(first[k])
+    assert first["val/psnr_sigma15"] > first["val/psnr_sigma50"]
+    assert sum(k.startswith("val/loss_t") for k in first) >= 2
+    assert "val/loss_t0-99" in first or "val/loss_t900-999" in first
+
+
+def test_ddim_samples_are_seeded_and_in_range():
+    net = tiny_net().eval()
+    sched = NoiseSchedule.linear()
+    a = ddim_sample(net, sched, (2, 3, 8, 8), steps=4, generator=torch.Generator().manual_seed(0))
+    b = ddim_sample(net, sched, (2, 3, 8, 8), steps=4, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_sample_grid_callback_logs_a_grid(images: Path, tmp_path: Path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cb = SampleGridCallback(num_samples=4, steps=3)
+    module = DiffusionModule(tiny_net(), ema_decay=0.9)
+    trainer = quiet_trainer(
+        max_steps=2, limit_val_batches=1, callbacks=[cb], logger=TensorBoardLogger(tmp_path, name="tb")
+    )
+    trainer.fit(module, _dm(images, val_fraction=0.34))
+    assert cb.last_grid is not None and cb.last_grid.shape[0] == 3
+    assert list((Path(trainer.log_dir) / "samples").glob("step*.png"))
+
+
+def test_bf16_mixed_precision_trains_on_cpu(images: Path):
+    module = DiffusionModule(tiny_net(), ema_decay=0.9)
+    trainer = quiet_trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0)
+    trainer.fit(module, _dm(images))
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert module.net.out[2].weight.dtype == torch.float32 and int(module.ema.num_updates) == 2
+
+
+def test_compiled_forward_keeps_the_checkpoint_keys():
+    module = DiffusionModule(tiny_net())
+    keys = list(module.state_dict())
+    module.enable_compile()  # compiles lazily, at the first call (not made here)
+    assert list(module.state_dict()) == keys
+    assert module._compiled is not None and module._compiled._orig_mod is module.net
+
+
+def test_channel_mismatch_is_reported(images: Path):
+    module = DiffusionModule(build_unet("tiny"))
+    with pytest.raises(ValueError, match="data has 1 channel.*network takes 3"):
+        quiet_trainer(max_steps=1).fit(module, _dm(images, channels=1))
+
+
+# -- fine-tuning from a prior file ------------------------------------------------------------------------------
+def test_init_from_loads_a_prior_and_restarts_the_ema(tmp_path: Path):
+    source = tiny_net(seed=11)
+    path = export_prior(source, None, tmp_path / "p.safetensors")
+    module = DiffusionModule(build_unet("tiny"), init_from=str(path))
+    module.setup("fit")
+    assert all(torch.equal(a, b) for a, b in zip(module.net.state_dict().values(), source.state_dict().values()))
+    assert torch.equal(module.ema.module.out[2].weight, source.out[2].weight) and module.ema.count == 0
+    wrong = DiffusionModule(build_unet("small"), init_from=str(path))
+    with pytest.raises(ValueError, match="does not fit the training network"):
+        wrong.setup("fit")
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+def test_cli_fit_smoke_config_then_export(images: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--data.data_dir", str(images), "--data.crop_size", "16"]
+        + ["--trainer.max_steps", "2"]
+    )
+    ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    assert list((tmp_path / "runs" / "smoke").glob("version_*/samples/*.png"))
+    cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "p.safetensors"), "--fp16"])
+    prior = load_prior(tmp_path / "p.safetensors")
+    spec = torch.load(ckpt, weights_only=True)["diffpir_prior"]
+    torch.testing.assert_close(prior.net.out[2].weight, spec["state_dict"]["out.2.weight"].half().float())
+    # Resume continues the step count.
+    cli_main(
+        ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--data.data_dir", str(images), "--data.crop_size", "16"]
+        + ["--trainer.max_steps", "3", "--ckpt_path", "last"]
+    )
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+
+
+# -- DDP ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(images: Path):
+    module = DiffusionModule(tiny_net(), ema_decay=0.9)
+    # 4 training images x 2 crops / (batch 2 x 2 ranks) = 2 steps per epoch, then validation.
+    trainer = quiet_trainer(max_steps=2, devices=2, strategy="ddp_spawn", limit_val_batches=1)
+    trainer.fit(module, _dm(images, patches_per_image=2, batch_size=2, val_fraction=0.34))
+    # ddp_spawn sends the weights (EMA count included) and the metrics back to this process.
+    assert int(module.ema.num_updates) == 2
+    assert not torch.equal(module.ema.module.out[2].weight, tiny_net().out[2].weight)
+    assert {"train/loss", "val/loss", "val/psnr_sigma25"} <= set(trainer.callback_metrics)
