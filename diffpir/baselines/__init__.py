@@ -1,5 +1,45 @@
-"""Pretrained baselines for comparison with DiffPIR (no diffusion prior): the FFDNet Gaussian denoiser."""
+"""Restoration methods to compare DiffPIR with, behind one interface (:class:`Method`).
 
+``method(y, op, prior, sigma_n, generator) -> x`` with ``method.nfe``; ``METHODS`` maps names to classes:
+
+- ``diffpir``: DiffPIR itself (:class:`DiffPIRMethod`, a wrapper of :class:`~diffpir.sampler.DiffPIR`);
+- ``dps``: diffusion posterior sampling (Chung et al. 2023), gradients through the network (:class:`DPS`);
+- ``ddnm``: DDNM/DDNM+ range-null-space sampling (Wang et al. 2023), pseudo-inverse by the operator's prox
+  (:class:`DDNM`);
+- ``dpir``: DPIR-style plug-and-play HQS with the diffusion prior's denoiser (:class:`DPIR`);
+- ``dpir_ffdnet``: the same HQS with the pretrained FFDNet (:class:`DPIRFFDNet`, :func:`load_ffdnet`);
+- ``classical``: Wiener deconvolution, bicubic upsampling, harmonic fill, SURE-tuned smoothing (:class:`Classical`).
+"""
+
+from diffpir.baselines.base import Method, eps_denoiser, prior_denoiser
+from diffpir.baselines.classical import Classical, gaussian_smooth, harmonic_fill, wiener_deconvolve
+from diffpir.baselines.ddnm import DDNM
+from diffpir.baselines.diffpir_method import DiffPIRMethod
+from diffpir.baselines.dpir import DPIR, DPIRFFDNet, hqs_schedule
+from diffpir.baselines.dps import DPS, respaced_timesteps
 from diffpir.baselines.ffdnet import FFDNet, ffdnet_available, ffdnet_weights_path, load_ffdnet
+from diffpir.baselines.registry import METHODS, build_method, method_parameters
 
-__all__ = ["FFDNet", "ffdnet_available", "ffdnet_weights_path", "load_ffdnet"]
+__all__ = [
+    "DDNM",
+    "DPIR",
+    "DPIRFFDNet",
+    "DPS",
+    "METHODS",
+    "Classical",
+    "DiffPIRMethod",
+    "FFDNet",
+    "Method",
+    "build_method",
+    "eps_denoiser",
+    "ffdnet_available",
+    "ffdnet_weights_path",
+    "gaussian_smooth",
+    "harmonic_fill",
+    "hqs_schedule",
+    "load_ffdnet",
+    "method_parameters",
+    "prior_denoiser",
+    "respaced_timesteps",
+    "wiener_deconvolve",
+]

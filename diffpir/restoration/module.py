@@ -1,8 +1,10 @@
-"""The LightningModule that restores images with DiffPIR in ``predict_step``.
+"""The LightningModule that restores images with DiffPIR (or a baseline) in ``predict_step``.
 
 One :class:`RestorationModule` holds a :class:`~diffpir.prior.Prior` and a :class:`~diffpir.sampler.DiffPIR`
-sampler; ``Trainer.predict`` feeds it batches from :class:`~diffpir.restoration.data.RestorationDataModule` and a
-:class:`~diffpir.restoration.writer.RestorationWriter` stores what it returns. Multi-GPU is Lightning's DDP.
+sampler (or, with ``method=``, another :class:`~diffpir.baselines.Method`: ``dps``, ``ddnm``, ``dpir``,
+``dpir_ffdnet``, ``classical``); ``Trainer.predict`` feeds it batches from
+:class:`~diffpir.restoration.data.RestorationDataModule` and a :class:`~diffpir.restoration.writer.RestorationWriter`
+stores what it returns. Multi-GPU is Lightning's DDP.
 
 Reproducibility: each image's sampler noise comes from its own generator seeded by ``(seed, image key)`` (the
 sampler's list-of-generators form; CPU generators, so a GPU run draws the same noise as a CPU run), hence an
@@ -19,27 +21,35 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffpir.baselines import METHODS, DiffPIRMethod, Method, build_method, method_parameters
 from diffpir.prior import Prior, load_prior
 from diffpir.restoration.data import RestorationBatch
 from diffpir.restoration.tasks import image_generator
 from diffpir.sampler import DataOperator, DiffPIR, StepState
 
-__all__ = ["PRECISIONS", "RestorationModule", "StepHook"]
+__all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook"]
 
 PriorPrecision = Literal["32", "bf16", "16"]
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 StepHook = Callable[[StepState], None]
+MethodName = Literal["diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical"]
+METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 
 
 class RestorationModule(L.LightningModule):
-    """DiffPIR restoration as a ``predict_step``.
+    """DiffPIR restoration (or a baseline's) as a ``predict_step``.
 
     Args:
         prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
             :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
         steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init: the sampler's
-            hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`).
+            hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only ``steps`` is
+            passed on (to the methods that take it: ``dps``, ``ddnm``).
+        method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
+            ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"`` or ``"classical"``.
+        method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
+            ``dps``, ``{"iterations": 24}`` for ``dpir``; see :mod:`diffpir.baselines`).
         prior_precision: ``"32"``, ``"bf16"`` or ``"16"``: the prior runs under ``torch.autocast`` with that dtype
             on CUDA; on the CPU it always runs in float32. The sampler's own arithmetic stays float32.
         seed: seeds each image's sampler noise together with its key.
@@ -47,6 +57,9 @@ class RestorationModule(L.LightningModule):
             images smaller than 32 px get none (the backbones pool them away).
         lpips_net: LPIPS backbone, ``"vgg"`` (the paper's) or ``"alex"``.
         show_steps: a tqdm progress bar over the sampler steps of each batch (rank 0).
+        tile_size, tile_overlap, tile_batch: images with a side above ``tile_size`` run the prior on overlapping
+            tiles (:class:`~diffpir.tiling.TiledPrior`; at most the training size for attention nets), so the
+            network's memory stays bounded; the data step still sees the whole image. None or 0: never tile.
 
     ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
     ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and
@@ -71,29 +84,48 @@ class RestorationModule(L.LightningModule):
         lpips: bool | None = None,
         lpips_net: Literal["vgg", "alex"] = "vgg",
         show_steps: bool = False,
+        tile_size: int | None = 512,
+        tile_overlap: int = 32,
+        tile_batch: int = 4,
+        method: MethodName = "diffpir",
+        method_args: dict[str, Any] | None = None,
     ):
         super().__init__()
         prior_precision = str(prior_precision)
         if prior_precision not in PRECISIONS:
             raise ValueError(f"prior_precision must be one of {list(PRECISIONS)}, got {prior_precision!r}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        method_args = dict(method_args or {})
         self.save_hyperparameters(ignore=["prior"])
         self.hparams["prior"] = prior if isinstance(prior, str) else f"<{type(prior).__name__} object>"
         self.hparams["prior_precision"] = prior_precision
         self.prior: Prior = load_prior(prior, preset=preset) if isinstance(prior, str) else prior
         self.prior.requires_grad_(False).eval()
         self.prior.autocast_dtype = PRECISIONS[prior_precision]
-        self.sampler = DiffPIR(
-            self.prior.schedule,
-            steps=steps,
-            lambda_=lambda_,
-            zeta=zeta,
-            skip=skip,
-            t_start=t_start,
-            eta=eta,
-            guidance_scale=guidance_scale,
-            clip_denoised=clip_denoised,
-            init=init,
-        )
+        if tile_size and isinstance(self.prior, Prior):
+            from diffpir.tiling import TiledPrior
+
+            self.prior = TiledPrior.wrap(self.prior, tile_size, tile_overlap, tile_batch)
+        if method == "diffpir":
+            sampler_args = {
+                "steps": steps,
+                "lambda_": lambda_,
+                "zeta": zeta,
+                "skip": skip,
+                "t_start": t_start,
+                "eta": eta,
+                "guidance_scale": guidance_scale,
+                "clip_denoised": clip_denoised,
+                "init": init,
+                **method_args,
+            }
+            self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **sampler_args)
+            self.method: Method = DiffPIRMethod(sampler=self.sampler)
+        else:
+            shared = {"steps": steps} if "steps" in method_parameters(method) else {}
+            self.method = build_method(method, **{**shared, **method_args})
+            self.sampler = self.method  # what the callbacks read (.nfe)
         self.seed = int(seed)
         self.show_steps = show_steps
         self.images_sampled = 0  # images run through the sampler by this process (skipped ones excluded)
@@ -173,7 +205,7 @@ class RestorationModule(L.LightningModule):
 
             rank_zero = self._trainer is None or self._trainer.is_global_zero
             bar = tqdm(
-                total=self.sampler.nfe, desc=f"sampling {len(batch)} image(s)", leave=False, disable=not rank_zero
+                total=self.method.nfe, desc=f"sampling {len(batch)} image(s)", leave=False, disable=not rank_zero
             )
 
         def callback(state: StepState) -> None:
@@ -183,7 +215,7 @@ class RestorationModule(L.LightningModule):
                 bar.update(1)
 
         start = time.perf_counter()
-        x = self.sampler(
+        x = self.method(
             batch.y.float(),
             batch.op,
             self.prior,
@@ -209,7 +241,7 @@ class RestorationModule(L.LightningModule):
                 "truth": None if truth is None else truth[i],
                 "metrics": metrics[i],
                 "seconds": seconds,
-                "nfe": self.sampler.nfe,
+                "nfe": self.method.nfe,
             }
             for i, key in enumerate(batch.keys)
         ]
@@ -217,4 +249,4 @@ class RestorationModule(L.LightningModule):
     def forward(self, y: Tensor, op: DataOperator, sigma_n: float, keys: Sequence[str]) -> Tensor:
         """Restore ``y`` ``[N, C, h, w]`` through ``op`` outside a Trainer (per-key generators as in predict)."""
         gens = [image_generator(self.seed, key, "sample") for key in keys]
-        return self.sampler(y, op, self.prior, sigma_n=sigma_n, generator=gens).clamp(0, 1)
+        return self.method(y, op, self.prior, sigma_n=sigma_n, generator=gens).clamp(0, 1)

@@ -1,0 +1,122 @@
+"""The common interface of every restoration method: ``method(y, op, prior, sigma_n, generator) -> x``.
+
+A :class:`Method` restores images from measurements through the same operator (:mod:`diffpir.operators`) and
+prior (:class:`~diffpir.prior.Prior`, or any eps-model with a ``schedule``) interfaces as the DiffPIR sampler,
+so that benchmarks compare methods on equal terms. Methods may branch on the operator's type only where the
+method itself is defined per task (the classical baselines); the diffusion methods never do.
+
+Ranges: ``y`` and the result in [0, 1] (the result is not clamped); ``sigma_n`` on the [0, 1] scale; the prior
+sees the [-1, 1] scale.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
+
+__all__ = ["Denoiser", "Method", "check_inputs", "eps_denoiser", "prior_denoiser", "schedule_of"]
+
+# D(x, sigma): x [N, C, H, W] on the [-1, 1] scale, sigma a float on that scale -> estimate of the clean x.
+Denoiser = Callable[[Tensor, float], Tensor]
+
+
+class Method(ABC):
+    """A restoration method: ``method(y, op, prior, sigma_n=0.05, generator=None) -> x``.
+
+    Attributes:
+        name: the registry name (:data:`diffpir.baselines.METHODS`).
+        uses_prior: whether ``prior`` is used (the classical baselines and the FFDNet PnP ignore it).
+    """
+
+    name: ClassVar[str] = ""
+    uses_prior: ClassVar[bool] = True
+
+    @property
+    @abstractmethod
+    def nfe(self) -> int:
+        """Network evaluations per image (0 for the classical baselines). DPS adds one backward pass each."""
+
+    @abstractmethod
+    def __call__(
+        self,
+        y: Tensor,
+        op: DataOperator,
+        prior: EpsModel | None,
+        sigma_n: float = 0.05,
+        generator: GeneratorArg = None,
+        callback: Callable[[StepState], None] | None = None,
+    ) -> Tensor:
+        """Restore ``x`` from ``y = H(x) + n``.
+
+        Args:
+            y: measurements ``[N, C, h, w]`` in [0, 1] (noisy, unclipped).
+            op: the degradation (:class:`~diffpir.operators.Operator`).
+            prior: an eps-model ``prior(x_t, t)`` with a ``schedule`` (a :class:`~diffpir.prior.Prior`,
+                :class:`~diffpir.analytic.GaussianPrior`), or None for methods that need none.
+            sigma_n: measurement noise std on the [0, 1] scale.
+            generator: one ``torch.Generator``, or one per image (each image then restores as it would alone).
+            callback: called with a :class:`~diffpir.sampler.StepState` after each iteration (iterative
+                methods; the classical baselines never call it).
+        Returns:
+            ``[N, C, H, W]`` restored images in [0, 1] space (not clamped).
+        """
+
+    def config(self) -> dict[str, Any]:
+        """The method's hyper-parameters (primitive values), for logs and result tables."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_inputs(y: Tensor, op: DataOperator, sigma_n: float) -> None:
+    """The checks every method runs first: a floating ``[N, C, h, w]`` tensor that fits ``op``, ``sigma_n >= 0``."""
+    if not torch.is_tensor(y) or y.ndim != 4:
+        raise ValueError(f"y must be a tensor of shape [N, C, H, W], got {getattr(y, 'shape', type(y))}")
+    if not torch.is_floating_point(y):
+        raise ValueError(f"y must be a floating-point tensor in [0, 1], got dtype {y.dtype}")
+    if not (math.isfinite(sigma_n) and sigma_n >= 0):
+        raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
+    op.check(y)
+
+
+def schedule_of(prior: Any, method: str):
+    """The prior's :class:`~diffpir.schedule.NoiseSchedule` (``prior.schedule``), or a ``ValueError``."""
+    sched = getattr(prior, "schedule", None)
+    if sched is None:
+        raise ValueError(
+            f"{method} needs a diffusion prior with a noise schedule (a diffpir Prior or GaussianPrior), "
+            f"got {type(prior).__name__}"
+        )
+    return sched
+
+
+def eps_denoiser(prior: EpsModel, schedule) -> Denoiser:
+    """A Gaussian denoiser ``D(x, sigma)`` built from any eps-model, as :meth:`diffpir.prior.Prior.denoise`:
+    ``t`` = the timestep whose ``sigma_bar_t`` is nearest to ``sigma``, ``eps = prior(x / sqrt(1 + sigma^2), t)``,
+    ``D = x - sigma eps`` (all on the [-1, 1] scale)."""
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        if sigma <= 0:
+            return x
+        t = int(schedule.timestep_for_sigma(float(sigma)))
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = prior(x / math.sqrt(1 + sigma**2), t_batch).to(x.dtype)
+        return x - sigma * eps
+
+    return denoise
+
+
+def prior_denoiser(prior: Any) -> Denoiser:
+    """``prior.denoise`` when the prior has one (a :class:`~diffpir.prior.Prior`), else :func:`eps_denoiser`."""
+    if callable(getattr(prior, "denoise", None)):
+        return lambda x, sigma: prior.denoise(x, float(sigma))
+    return eps_denoiser(prior, schedule_of(prior, "a diffusion denoiser"))

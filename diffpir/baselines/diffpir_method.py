@@ -1,0 +1,96 @@
+"""DiffPIR itself behind the :class:`~diffpir.baselines.base.Method` interface (a thin wrapper of the sampler)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import Tensor
+
+from diffpir.baselines.base import Method, check_inputs, schedule_of
+from diffpir.sampler import DataOperator, DiffPIR, EpsModel, GeneratorArg, StepState
+from diffpir.schedule import NoiseSchedule
+
+__all__ = ["DiffPIRMethod"]
+
+
+class DiffPIRMethod(Method):
+    """DiffPIR (Zhu et al. 2023) as a :class:`Method`: :class:`~diffpir.sampler.DiffPIR` built on the prior's
+    schedule (rebuilt when a prior with another schedule comes in).
+
+    Args: those of :class:`~diffpir.sampler.DiffPIR` (``steps``, ``lambda_``, ``zeta``, ``skip``, ``t_start``,
+    ``eta``, ``guidance_scale``, ``clip_denoised``, ``init``), or ``sampler=`` an existing sampler to wrap.
+    """
+
+    name = "diffpir"
+
+    def __init__(
+        self,
+        steps: int = 100,
+        lambda_: float = 7.0,
+        zeta: float = 0.3,
+        skip: Literal["quad", "uniform"] = "quad",
+        t_start: int | None = None,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        clip_denoised: bool = True,
+        init: Literal["auto", "noise", "measurement"] = "auto",
+        sampler: DiffPIR | None = None,
+    ):
+        self.kwargs: dict[str, Any] = {
+            "steps": steps,
+            "lambda_": lambda_,
+            "zeta": zeta,
+            "skip": skip,
+            "t_start": t_start,
+            "eta": eta,
+            "guidance_scale": guidance_scale,
+            "clip_denoised": clip_denoised,
+            "init": init,
+        }
+        if sampler is not None:
+            self.kwargs.update(
+                steps=sampler.steps,
+                lambda_=sampler.lambda_,
+                zeta=sampler.zeta,
+                skip=sampler.skip,
+                t_start=sampler.t_start,
+                eta=sampler.eta,
+                guidance_scale=sampler.guidance_scale,
+                clip_denoised=sampler.clip_denoised,
+                init=sampler.init,
+            )
+        # Validate now, on the default schedule, unless a sampler was given.
+        self.sampler = sampler if sampler is not None else DiffPIR(NoiseSchedule.linear(), **self.kwargs)
+
+    def sampler_for(self, schedule: NoiseSchedule) -> DiffPIR:
+        """The sampler on ``schedule`` (the cached one when the tables agree)."""
+        cur = self.sampler.schedule
+        if cur is not schedule and (
+            cur.T != schedule.T or (cur.host("alphas_cumprod") != schedule.host("alphas_cumprod")).any()
+        ):
+            kwargs = dict(self.kwargs)
+            if kwargs["t_start"] is not None and kwargs["t_start"] >= schedule.T:
+                kwargs["t_start"] = None
+            self.sampler = DiffPIR(schedule, **kwargs)
+        return self.sampler
+
+    @property
+    def nfe(self) -> int:
+        return self.sampler.nfe
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+    def __call__(
+        self,
+        y: Tensor,
+        op: DataOperator,
+        prior: EpsModel | None,
+        sigma_n: float = 0.05,
+        generator: GeneratorArg = None,
+        callback: Callable[[StepState], None] | None = None,
+    ) -> Tensor:
+        check_inputs(y, op, sigma_n)
+        sampler = self.sampler_for(schedule_of(prior, "DiffPIR"))
+        return sampler(y, op, prior, sigma_n=sigma_n, generator=generator, callback=callback)
