@@ -3,7 +3,12 @@
 Ranges and shapes: images are float tensors ``[C, H, W]`` in [0, 1]; ``C`` is 1 (grey) or 3 (RGB).
 Files are decoded with :mod:`torchvision.io` (PNG 8/16-bit, JPEG, WebP, GIF); formats it cannot decode (BMP, TIFF)
 fall back to Pillow. Conversions: palette images are expanded, alpha is dropped (not composited), RGB -> grey uses
-the ITU-R 601 luma weights, grey -> RGB repeats the channel.
+the ITU-R 601 luma weights, grey -> RGB repeats the channel; 16-bit images keep their precision; float TIFFs
+(Pillow mode ``F``) are read as they are (values on the [0, 1] scale, not clipped).
+
+Untrusted files: the header is read first (Pillow, no pixel data) so that an image above ``max_pixels`` is refused
+before it is decoded (decompression bombs); truncated, empty and non-image files and images with NaN or infinite
+values raise a ``ValueError`` that names the file and says what to do.
 """
 
 from __future__ import annotations
@@ -20,16 +25,27 @@ from torch import Tensor
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "TEMP_SUFFIX",
+    "ImageTooLargeError",
+    "image_header",
     "list_image_files",
     "read_image",
+    "remove_temp_files",
     "safe_output_name",
     "to_uint8",
     "write_png_atomic",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TEMP_SUFFIX = ".tmp"
+"""Temporary files of the atomic writes are ``.<final name>.<random>.tmp`` (hidden, next to the final file)."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 120
+_TORCHVISION_WHERE = re.compile(r"^[\w()<>]+, \S+:\d+, ")  # "decode_png, /path/decode_png.cpp:79, " prefixes
+
+
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the configured limit (raised before its pixels are decoded)."""
 
 
 def list_image_files(root: str | os.PathLike) -> list[Path]:
@@ -51,10 +67,57 @@ def list_image_files(root: str | os.PathLike) -> list[Path]:
     )
 
 
-def _decode(path: Path, channels: int | None) -> Tensor:
-    """Decode to an integer tensor ``[C, H, W]`` (uint8 or uint16) with ``channels`` channels (None: as stored)."""
+def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
+    """``(height, width, Pillow mode)`` of an image file from its header, without decoding the pixels.
+
+    Raises ``ValueError`` naming the file when Pillow does not recognise it as an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(path) as im:
+                w, h = im.size
+                return int(h), int(w), str(im.mode)
+    except Image.DecompressionBombError as err:
+        # Pillow refuses above 2 * MAX_IMAGE_PIXELS already at open(); parse the size from its message.
+        m = re.search(r"\((\d+) pixels\)", str(err))
+        raise ImageTooLargeError(
+            f"image file {str(path)!r} has {m.group(1) if m else 'too many'} pixels: refused as a possible "
+            f"decompression bomb; downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"cannot read image file {str(path)!r}: not an image (or a format Pillow does not know); "
+            f"remove it from the folder or convert it to PNG"
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"cannot read image file {str(path)!r}: {err} (the file is truncated or corrupt: re-export or remove it)"
+        ) from None
+
+
+def _decode_float(path: Path, channels: int | None) -> Tensor:
+    """A float TIFF (Pillow mode ``F``, one channel) as float32 ``[C, H, W]`` (values as stored)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        arr = np.asarray(im, dtype=np.float32)
+    out = torch.from_numpy(np.array(arr, dtype=np.float32))[None]
+    return out.expand(3, -1, -1).contiguous() if channels == 3 else out
+
+
+def _decode(path: Path, channels: int | None, pil_mode: str = "") -> Tensor:
+    """Decode to an integer tensor ``[C, H, W]`` (uint8 or uint16) with ``channels`` channels (None: as stored;
+    palette images expanded to RGB)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    if channels is None and pil_mode == "P":
+        channels = 3  # UNCHANGED would give the palette indices
     mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
     try:
         with warnings.catch_warnings():
@@ -83,15 +146,19 @@ def _decode(path: Path, channels: int | None) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def read_image(path: str | os.PathLike, channels: int | None = 3) -> Tensor:
+def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: int | None = None) -> Tensor:
     """Read an image file as a float32 tensor ``[C, H, W]`` in [0, 1].
 
     Args:
         path: the image file (PNG 8/16-bit, JPEG, WebP, GIF; BMP and TIFF through Pillow).
         channels: 3 (RGB; grey images are repeated), 1 (grey; colour is converted to luma) or ``None`` (as stored,
-            alpha dropped).
+            alpha dropped, palettes expanded).
+        max_pixels: refuse images with more than ``height * width`` pixels, checked on the header before any
+            pixel is decoded (:class:`ImageTooLargeError`); None: no limit of ours (Pillow still refuses
+            decompression bombs above ``2 * PIL.Image.MAX_IMAGE_PIXELS``).
     Raises:
-        ValueError: naming the file when it is missing, empty, not an image or cannot be decoded.
+        ValueError: naming the file when it is missing, empty, not an image, truncated or otherwise undecodable,
+            too large, or holds NaN or infinite values.
     """
     path = Path(path)
     if channels not in (None, 1, 3):
@@ -99,18 +166,35 @@ def read_image(path: str | os.PathLike, channels: int | None = 3) -> Tensor:
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
-        raise ValueError(f"image file {str(path)!r} is empty (0 bytes)")
+        raise ValueError(f"image file {str(path)!r} is empty (0 bytes); re-export or remove it")
+    h, w, pil_mode = image_header(path)
+    if max_pixels is not None and h * w > max_pixels:
+        raise ImageTooLargeError(
+            f"image file {str(path)!r} is {w}x{h} = {h * w} pixels, above the limit of {max_pixels} pixels; "
+            f"raise the limit (data.max_pixels) if you have the memory, or downscale or crop the image"
+        )
     try:
-        img = _decode(path, channels)
+        img = _decode_float(path, channels) if pil_mode == "F" else _decode(path, channels, pil_mode)
     except Exception as err:  # torchvision and Pillow raise assorted errors for corrupt files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot read image file {str(path)!r}: {msg}") from err
+        msg = _TORCHVISION_WHERE.sub("", msg)
+        raise ValueError(
+            f"cannot read image file {str(path)!r}: {msg} (the file is truncated or corrupt: re-export or remove it)"
+        ) from err
     if img.ndim == 2:
         img = img[None]
     if channels is None and img.shape[0] in (2, 4):
         img = img[:-1]  # drop alpha
     if img.dtype == torch.uint16:
         return img.to(torch.int32).to(torch.float32) / 65535.0
+    if img.is_floating_point():
+        bad = int((~torch.isfinite(img)).sum())
+        if bad:
+            raise ValueError(
+                f"image file {str(path)!r} holds {bad // img.shape[0]} NaN or infinite pixel value(s); "
+                f"fix or remove the file (replace them, e.g. numpy.nan_to_num, and save again)"
+            )
+        return img.float()
     return img.to(torch.float32) / 255.0
 
 
@@ -139,7 +223,7 @@ def write_png_atomic(img: Tensor, path: str | os.PathLike, compression_level: in
         warnings.simplefilter("ignore", DeprecationWarning)
         png = encode_png(data.contiguous(), compression_level=compression_level)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(png.numpy().tobytes())
@@ -150,13 +234,31 @@ def write_png_atomic(img: Tensor, path: str | os.PathLike, compression_level: in
     return path
 
 
+def remove_temp_files(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic writes left under ``root`` when a run was killed.
+
+    Only hidden files named like ours (``.<name>.<random>.tmp``) are removed, recursively; returns their paths.
+    Call it before a run starts writing (not while another process writes into ``root``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.rglob(f".*{TEMP_SUFFIX}"):
+        if p.is_file() and p.name.count(".") >= 3:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def safe_output_name(key: str) -> str:
     """A file name (no folder part, no suffix) for an image key that cannot escape the output folder.
 
-    Keys made of letters, digits, ``.``, ``_`` and ``-`` (not starting with ``.``) are kept as they are. Any other
-    key (path separators, ``..``, spaces, non-ASCII, a leading dot, overlong) has every other character replaced
-    by ``_`` and gets an 8-hex-digit hash of the original key appended, so distinct keys keep distinct names:
-    ``"sub/cat"`` -> ``"sub_cat-<hash>"``.
+    Keys made of letters, digits, ``.``, ``_`` and ``-`` starting with a letter or digit are kept as they are. Any
+    other key (path separators, ``..``, spaces, non-ASCII, a leading dot or dash, overlong) has every other
+    character replaced by ``_``, leading dots and dashes removed (no hidden files, nothing a shell takes for an
+    option) and an 8-hex-digit hash of the original key appended, so distinct keys keep distinct names:
+    ``"sub/cat"`` -> ``"sub_cat-<hash>"``, ``"-rf"`` -> ``"rf-<hash>"``.
     """
     key = str(key)
     if not key:
@@ -164,5 +266,5 @@ def safe_output_name(key: str) -> str:
     if _SAFE.match(key) and len(key) <= _MAX_NAME:
         return key
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    body = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")[:_MAX_NAME].rstrip(".")
+    body = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".-")[:_MAX_NAME].rstrip(".")
     return f"{body}-{digest}" if body else digest

@@ -7,6 +7,7 @@ generators take a ``torch.Generator`` (or an int seed; 0 is a seed) and never us
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,7 +108,8 @@ def load_kernel(path: str | Path, normalize: bool = True) -> Tensor:
     """Read a kernel ``[kh, kw]`` (float32) from ``.npy``, ``.pt``/``.pth`` (``weights_only``) or an image
     file (grayscale, white = weight).
 
-    With ``normalize`` (default) it is divided by its sum; raises ``ValueError`` naming the file when it is
+    With ``normalize`` (default) it is divided by its sum (a ``UserWarning`` naming the file when the sum is off
+    one by more than 1e-3); raises ``ValueError`` naming the file when it is
     missing, unreadable, not 2-D, even-sized, non-finite, or (with ``normalize``) does not have a positive
     sum.
     """
@@ -120,5 +122,8 @@ def load_kernel(path: str | Path, normalize: bool = True) -> Tensor:
         total = float(k.sum())
         if not total > 0:
             raise ValueError(f"kernel file {str(path)!r} sums to {total}: it cannot be normalised to sum to one")
+        if abs(total - 1.0) > 1e-3:
+            msg = f"kernel file {str(path)!r} sums to {total:.6g}, not 1: normalised to sum to one"
+            warnings.warn(msg, stacklevel=2)
         k = k / total
     return k.float()

@@ -11,10 +11,21 @@ Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``
 (:class:`~diffpir.restoration.RestorationWriter`, always on) and ``trajectory``
 (:class:`~diffpir.restoration.TrajectoryLogger`, always on; ``--trajectory.first_k 0`` turns it off).
 The full config is saved as ``<writer.output_dir>/config.yaml``.
+
+Errors and exit status: a wrong option or config key is reported by jsonargparse (the key named, usage shown,
+status 2). An error that stops the run before it restores anything (a prior file that is missing, refused
+because it carries code, or does not fit; no images found; ...) prints one line ``diffpir-restore: error: ...``
+without a traceback (set ``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
+are reported one by one and skipped while the others are restored; the run then ends with
+``restored N of M images; K failed: see <output_dir>/failed.json`` and exit status 1.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +36,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule
 from diffpir.restoration.trajectory import TrajectoryLogger
-from diffpir.restoration.writer import RestorationWriter
+from diffpir.restoration.writer import RestorationWriter, write_text_atomic
 
-__all__ = ["RestoreCLI", "build_cli", "main"]
+__all__ = ["USER_ERRORS", "RestoreCLI", "build_cli", "main", "report_error"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError)
+"""Exceptions that :func:`main` reports as one line (bad files, refused checkpoints, wrong settings)."""
 
 TRAINER_DEFAULTS: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
 
@@ -58,9 +72,13 @@ class RestoreCLI(LightningCLI):
     @rank_zero_only
     def _save_config(self) -> None:
         out = Path(self.config[self.subcommand]["writer"]["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
         parser = self._parser(self.subcommand)
-        parser.save(self.config[self.subcommand], out / "config.yaml", overwrite=True)
+        write_text_atomic(out / "config.yaml", parser.dump(self.config[self.subcommand]))
+
+    @property
+    def failed(self) -> int:
+        """Images the run could not restore (0 before a run)."""
+        return sum(int(getattr(cb, "failed", 0)) for cb in self.trainer.callbacks if isinstance(cb, RestorationWriter))
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:
@@ -82,9 +100,47 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any
     )
 
 
+def _log_to_stderr() -> None:
+    """Show the ``diffpir`` loggers' INFO lines (skipped images, the final count) on stderr."""
+    logger = logging.getLogger("diffpir")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def report_error(prog: str, err: BaseException) -> None:
+    """Print ``<prog>: error: <message>`` for a user-facing error and exit with status 1 (re-raise it instead
+    when ``DIFFPIR_DEBUG`` is set)."""
+    if os.environ.get("DIFFPIR_DEBUG"):
+        raise err
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: say so, and why
+        why = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln][:1]
+        lines = [
+            "refused to load a checkpoint: it carries code or Python objects, not just tensors and plain "
+            "containers, and files are never loaded in a way that could run code.",
+            *why,
+        ]
+    print(f"{prog}: error: {' '.join(lines[:2])}", file=sys.stderr)
+    print(f"{prog}: (set DIFFPIR_DEBUG=1 for the traceback)", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``diffpir-restore`` (``python -m diffpir.restoration.cli``)."""
-    build_cli(None if args is None else list(args))
+    """Entry point of ``diffpir-restore`` (``python -m diffpir.restoration.cli``).
+
+    Exits with status 1 when images could not be restored (see ``failed.json``) or when the run could not start
+    (one-line message, see the module docstring); 2 for a wrong option or config key."""
+    _log_to_stderr()
+    try:
+        cli = build_cli(None if args is None else list(args))
+    except USER_ERRORS as err:
+        report_error("diffpir-restore", err)
+        return
+    if cli.subcommand == "predict" and cli.failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

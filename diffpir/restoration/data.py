@@ -16,12 +16,20 @@ Batching: :func:`collate` groups the items of a batch by image size; each group 
 :class:`RestorationBatch` with stacked tensors and one batched operator (per-image kernels/masks stacked).
 A batch of images of different sizes is thus run as one sampler call per size. Results do not depend on the
 grouping (per-image generators); for throughput, use images of one size.
+
+Bad inputs: an image that cannot be restored (unreadable, truncated or empty file, NaN pixels, above
+``max_pixels``, a kernel or mask that does not fit, a truth of the wrong size, ...) does not stop the run. Its item
+carries the reason (:attr:`RestorationItem.error`); :func:`collate` hands the failures on in
+:attr:`RestorationBatch.failures` (an image-less batch when every image of the batch failed), and the
+:class:`~diffpir.restoration.writer.RestorationWriter` reports and records them (``failed.json``) while the other
+images are restored.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -41,9 +49,19 @@ from diffpir.restoration.tasks import (
     synthesize_params,
 )
 
-__all__ = ["RestorationBatch", "RestorationDataModule", "RestorationDataset", "collate", "image_keys"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "RestorationBatch",
+    "RestorationDataModule",
+    "RestorationDataset",
+    "RestorationItem",
+    "collate",
+    "image_keys",
+]
 
 Mode = Literal["benchmark", "real"]
+DEFAULT_MAX_PIXELS = 1 << 25
+"""Images above this many pixels (33.5 M, e.g. 8192 x 4096) are refused unless ``max_pixels`` is raised."""
 
 
 def image_keys(root: Path, files: Sequence[Path]) -> list[str]:
@@ -67,13 +85,24 @@ def _center_crop(x: Tensor, h: int, w: int) -> Tensor:
 
 @dataclass
 class RestorationItem:
-    """One image: ``y`` ``[C, h, w]``, ``x`` (truth) ``[C, H, W]`` or None, operator ``params``."""
+    """One image: ``y`` ``[C, h, w]``, ``x`` (truth) ``[C, H, W]`` or None, operator ``params``.
+
+    A failed item has ``error`` (why it cannot be restored) and ``file`` (the input file), and no tensors.
+    """
 
     key: str
-    y: Tensor
+    y: Tensor | None
     x: Tensor | None
     params: dict[str, Tensor]
     x_size: tuple[int, int]
+    file: str = ""
+    error: str | None = None
+
+
+def failed_item(key: str, file: str | Path, error: BaseException | str) -> RestorationItem:
+    """The item of an image that cannot be restored, with the reason."""
+    reason = error if isinstance(error, str) else (str(error) or type(error).__name__)
+    return RestorationItem(key, None, None, {}, (0, 0), file=str(file), error=reason)
 
 
 @dataclass
@@ -89,15 +118,19 @@ class RestorationBatch:
         spec: the degradation spec (for rebuilding ``op`` on a subset, :meth:`select`).
         sigma_n: the noise level the sampler assumes.
         x: the truth ``[N, C, H, W]`` in [0, 1], or None (real mode without a truth folder).
+        failures: images of the loader batch that cannot be restored, ``{"key", "file", "reason"}`` each
+            (carried by the first group of a batch; a batch whose images all failed is one group with no images
+            and ``op=None``).
     """
 
     keys: list[str]
     y: Tensor
-    op: Operator
+    op: Operator | None
     params: dict[str, Tensor]
     spec: Degradation
     sigma_n: float
     x: Tensor | None = None
+    failures: list[dict[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -106,7 +139,7 @@ class RestorationBatch:
         """The batch on ``device`` (tensors and operator moved; the operator outside inference mode, see
         :func:`~diffpir.restoration.tasks.build_operator`)."""
         with torch.inference_mode(False):
-            op = self.op.to(device)
+            op = self.op.to(device) if self.op is not None else None
         return replace(
             self,
             y=self.y.to(device),
@@ -132,14 +165,20 @@ class RestorationBatch:
 
 
 def collate(items: Sequence[RestorationItem], spec: Degradation) -> list[RestorationBatch]:
-    """Group ``items`` by (measurement size, image size), stack each group and build its operator.
+    """Group ``items`` by (measurement size, image size, parameter shapes), stack each group and build its
+    operator.
 
-    Returns one :class:`RestorationBatch` per size, in order of first appearance. Within a group, every item
-    must carry the same kinds of parameters (true for items of one data set) and either all or none a truth.
+    Returns one :class:`RestorationBatch` per group, in order of first appearance; failed items go to the first
+    group's ``failures`` (an image-less group when no item succeeded). Within a group, every item carries the
+    same kinds of parameters (true for items of one data set); a group with a truth for only some images drops
+    the truths (no metrics for it) rather than failing.
     """
     groups: dict[tuple, list[RestorationItem]] = {}
+    failures = [{"key": it.key, "file": it.file, "reason": it.error} for it in items if it.error is not None]
     for it in items:
-        groups.setdefault((tuple(it.y.shape), it.x_size), []).append(it)
+        if it.error is None:
+            shapes = tuple((k, tuple(v.shape)) for k, v in sorted(it.params.items()))
+            groups.setdefault((tuple(it.y.shape), it.x_size, shapes), []).append(it)
     out = []
     for group in groups.values():
         params = {k: torch.stack([it.params[k] for it in group]) for k in group[0].params}
@@ -156,6 +195,10 @@ def collate(items: Sequence[RestorationItem], spec: Degradation) -> list[Restora
                 x=x,
             )
         )
+    if failures:
+        if not out:
+            out.append(RestorationBatch([], torch.empty(0), None, {}, spec, float(spec.sigma_n)))
+        out[0].failures = failures
     return out
 
 
@@ -181,6 +224,10 @@ class RestorationDataset(Dataset):
         seed: seeds the per-image kernels, masks and noise (benchmark mode).
         truth: real mode: ``key -> clean image file`` for metrics (may be partial or empty).
         crop: benchmark mode: centre-crop the clean images to at most ``crop x crop`` first.
+        max_pixels: images with more pixels fail (their header is read, their pixels are not decoded);
+            None: no limit.
+
+    An image that cannot be restored gives a failed item (``item.error`` says why) instead of raising.
     """
 
     def __init__(
@@ -193,6 +240,7 @@ class RestorationDataset(Dataset):
         seed: int = 0,
         truth: dict[str, Path] | None = None,
         crop: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         if len(files) != len(keys):
             raise ValueError("files and keys differ in length")
@@ -202,42 +250,75 @@ class RestorationDataset(Dataset):
         self.spec, self.mode, self.channels, self.seed = spec, mode, channels, seed
         self.truth = truth or {}
         self.crop = crop
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> RestorationItem:
+        """Item ``i``, or a failed item naming the file and the reason when it cannot be restored."""
+        try:
+            item = self._item(i)
+            self._check(item, self.files[i])
+        except Exception as err:  # one bad image must not stop the others: report it, restore the rest
+            return failed_item(self.keys[i], self.files[i], err)
+        item.file = str(self.files[i])
+        return item
+
+    def _read(self, path: Path) -> Tensor:
+        return read_image(path, self.channels, max_pixels=self.max_pixels)
+
+    def _item(self, i: int) -> RestorationItem:
         key, spec = self.keys[i], self.spec
-        img = read_image(self.files[i], self.channels)
+        img = self._read(self.files[i])
         if self.mode == "benchmark":
-            return self._benchmark_item(key, img)
+            return self._benchmark_item(key, img, self.files[i])
         y = img
         n = spec.size_multiple
         h, w = y.shape[-2] * n, y.shape[-1] * n
         params = load_params(spec, key, h, w)
         x = None
         if key in self.truth:
-            x = read_image(self.truth[key], self.channels)
+            x = self._read(self.truth[key])
             if tuple(x.shape[-2:]) != (h, w):
+                hint = f" (the measurement is {y.shape[-2]}x{y.shape[-1]}, scale {n})" if n > 1 else ""
                 raise ValueError(
                     f"truth {str(self.truth[key])!r} is {x.shape[-2]}x{x.shape[-1]} but the restoration of "
-                    f"{str(self.files[i])!r} is {h}x{w}"
+                    f"{str(self.files[i])!r} is {h}x{w}{hint}: give a truth of the restored size or remove it"
                 )
         return RestorationItem(key, y, x, params, (h, w))
 
-    def _benchmark_item(self, key: str, x: Tensor) -> RestorationItem:
+    def _benchmark_item(self, key: str, x: Tensor, file: Path) -> RestorationItem:
         spec = self.spec
         h, w = x.shape[-2:]
         if self.crop is not None:
             h, w = min(h, self.crop), min(w, self.crop)
         m = spec.size_multiple
+        if h < m or w < m:
+            raise ValueError(
+                f"image {str(file)!r} of size {x.shape[-2]}x{x.shape[-1]} is smaller than the SR scale {m}: "
+                f"use a larger image or a smaller scale"
+            )
+        if h % m or w % m:
+            warnings.warn(
+                f"image {str(file)!r}: {h}x{w} is not divisible by the SR scale {m}; centre-cropped to "
+                f"{h - h % m}x{w - w % m}",
+                stacklevel=2,
+            )
         h, w = h - h % m, w - w % m
-        if h == 0 or w == 0:
-            raise ValueError(f"image {key!r} of size {x.shape[-2]}x{x.shape[-1]} is smaller than the scale {m}")
         x = _center_crop(x, h, w).contiguous()
         params = synthesize_params(spec, key, h, w, self.seed)
         y = degrade(spec, x, params, image_generator(self.seed, key, "noise"))
         return RestorationItem(key, y, x, params, (h, w))
+
+    def _check(self, item: RestorationItem, file: Path) -> None:
+        """What the sampler would refuse, checked per image: the operator must take ``y`` (sizes of kernel
+        and mask, non-finite values)."""
+        op = build_operator(self.spec, {k: v[None] for k, v in item.params.items()})
+        try:
+            op.check(item.y[None].float())
+        except ValueError as err:
+            raise ValueError(f"{err} (image {str(file)!r})") from None
 
 
 class RestorationDataModule(L.LightningDataModule):
@@ -255,6 +336,11 @@ class RestorationDataModule(L.LightningDataModule):
         limit: restore only the first ``limit`` images (by key).
         crop: benchmark mode: centre-crop clean images to at most ``crop x crop`` pixels.
         channels: 1 or 3; None: the prior's (``RestorationModule.channels``), else 3.
+        max_pixels: images with more pixels (height x width) are refused (reported and skipped, their pixels
+            never decoded); None: no limit. Large images restore with bounded network memory through the
+            module's ``tile_size``; this limit guards the rest (decompression bombs, the FFTs of the data step).
+
+    Images that cannot be restored are reported and skipped (see the module docstring); the run goes on.
     """
 
     def __init__(
@@ -269,6 +355,7 @@ class RestorationDataModule(L.LightningDataModule):
         limit: int | None = None,
         crop: int | None = None,
         channels: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         super().__init__()
         if mode not in ("benchmark", "real"):
@@ -279,11 +366,14 @@ class RestorationDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive number of pixels or null, got {max_pixels}")
         self.images, self.mode = images, mode
         self.degradation = degradation if degradation is not None else Degradation()
         self.truth_dir, self.seed = truth, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.limit, self.crop, self.channels = limit, crop, channels
+        self.max_pixels = max_pixels
         self.dataset: RestorationDataset | None = None
         self.save_hyperparameters(ignore=["degradation"])
         self.hparams["degradation"] = self.degradation.to_dict()
@@ -321,7 +411,7 @@ class RestorationDataModule(L.LightningDataModule):
             tfiles = list_image_files(root)
             truth = dict(zip(image_keys(root, tfiles), tfiles))
         self.dataset = RestorationDataset(
-            files, keys, self.degradation, self.mode, self._channels(), self.seed, truth, self.crop
+            files, keys, self.degradation, self.mode, self._channels(), self.seed, truth, self.crop, self.max_pixels
         )
 
     @property

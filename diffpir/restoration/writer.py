@@ -8,11 +8,23 @@ Layout of ``output_dir``::
     metrics/rank<r>.jsonl    per-rank part files, one JSON row per image (appended, never rewritten)
     metrics.csv              merged rows, one per image, sorted by key
     summary.json             mean of each metric, counts, the run's settings
+    failed.json              the images that could not be restored: [{"key", "file", "reason"}], sorted by key
 
-``<name>`` is :func:`diffpir.io.safe_output_name` of the image key. Every file is written atomically (temporary
-file, then rename). An image counts as done when all its requested PNGs exist; the module skips done images
-without sampling them, so a rerun only restores what is missing. A metrics row is appended before the PNGs are
+``<name>`` is :func:`diffpir.io.safe_output_name` of the image key, so no key (``../x``, ``/abs``, odd characters)
+can leave the output folder. Every file is written atomically: the bytes go to a hidden temporary file
+(``.<name>.<random>.tmp``) beside the final one, which is then renamed into place, so a killed run never leaves a
+partial PNG, CSV or JSON under a visible name; leftover temporary files are removed when the next run starts.
+Rows are appended to the part files with one ``write`` each (a line that a crash still cut short is skipped when
+reading, and the next run starts on a fresh line). An image counts as done when all its requested PNGs exist;
+the module skips done images without sampling them, so a rerun only restores what is missing, and restores it
+exactly as an uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are
 written, so a crash never leaves a done image without its row.
+
+Failures: images the data module could not prepare (see :mod:`diffpir.restoration.data`) arrive in
+``batch.failures``, and any prediction carrying an ``"error"`` is one too. Each is logged (file and reason) and
+appended to the part file as a ``"status": "failed"`` row; the merge lists them in ``failed.json`` and the summary,
+and logs ``restored N of M images; K failed: see <output_dir>/failed.json``. :attr:`RestorationWriter.failed` is
+then the number of failed images (on every rank), which ``diffpir-restore`` turns into a non-zero exit status.
 
 Merging (rank 0, in ``on_predict_end`` after a barrier): all part files are read, rows are deduplicated by key
 (the most recently written wins: reruns and any repeated images), and only keys of the current data set whose
@@ -25,6 +37,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -39,16 +52,21 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from diffpir.io import safe_output_name, write_png_atomic
+from diffpir.io import TEMP_SUFFIX, remove_temp_files, safe_output_name, write_png_atomic
 
-__all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_rows"]
+__all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_rows", "write_text_atomic"]
+
+log = logging.getLogger(__name__)
 
 METRIC_ORDER = ("psnr", "ssim", "lpips")
+FAILED = "failed"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file and ``os.replace``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -58,8 +76,28 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` (without newline) as one ``write`` call; start on a new line if the file's last line was
+    cut short by a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def read_metric_rows(parts_dir: Path) -> dict[str, dict[str, Any]]:
-    """The latest row per key over all ``*.jsonl`` part files in ``parts_dir`` (truncated lines skipped)."""
+    """The latest row per key over all ``*.jsonl`` part files in ``parts_dir`` (truncated lines skipped).
+
+    Rows of failed images carry ``"status": "failed"``, the ``"input"`` file and a ``"reason"``."""
     latest: dict[str, dict[str, Any]] = {}
     for part in sorted(parts_dir.glob("*.jsonl")):
         for line in part.read_text(encoding="utf-8").splitlines():
@@ -83,21 +121,32 @@ def _mean(values: Sequence[float]) -> float | None:
 def merge_metrics(
     output_dir: str | os.PathLike, keys: Sequence[str] | None = None, settings: dict | None = None
 ) -> dict[str, Any]:
-    """Merge the part files of ``output_dir`` into ``metrics.csv`` and ``summary.json``; return the summary.
+    """Merge the part files of ``output_dir`` into ``metrics.csv``, ``failed.json`` and ``summary.json``; return
+    the summary.
+
+    An image counts as restored when its latest row is a metrics row and its restored PNG exists, as failed when its
+    latest row is a failure. The summary has ``count`` (restored), ``requested`` (the keys), ``failed`` and
+    ``missing`` (requested, neither restored nor failed: a run that did not finish), the metric means and the
+    settings.
 
     Args:
         output_dir: the writer's folder.
-        keys: keep only these keys (the current data set); None keeps every key with a restored PNG.
+        keys: keep only these keys (the current data set); None keeps every key with a restored PNG or a failure.
         settings: recorded in the summary (the module's and data's hyper-parameters).
     """
     out = Path(output_dir)
-    rows = read_metric_rows(out / "metrics")
+    latest = read_metric_rows(out / "metrics")
     wanted = set(keys) if keys is not None else None
+    latest = {k: r for k, r in latest.items() if wanted is None or k in wanted}
+    failed = {k: r for k, r in latest.items() if r.get("status") == FAILED}
     rows = {
-        k: r
-        for k, r in rows.items()
-        if (wanted is None or k in wanted) and (out / "restored" / r.get("file", "")).is_file()
+        k: r for k, r in latest.items() if k not in failed and (out / "restored" / str(r.get("file", ""))).is_file()
     }
+    failures = [
+        {"key": k, "file": str(failed[k].get("input", "")), "reason": str(failed[k].get("reason", ""))}
+        for k in sorted(failed)
+    ]
+    write_text_atomic(out / "failed.json", json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
     metrics = [m for m in METRIC_ORDER if any(m in r for r in rows.values())]
     columns = ["key", "file", *metrics, "seconds", "nfe"]
     buf = io.StringIO()
@@ -106,15 +155,18 @@ def merge_metrics(
     for k in sorted(rows):
         r = rows[k]
         w.writerow({c: _fmt(r.get(c)) for c in columns})
-    _write_text_atomic(out / "metrics.csv", buf.getvalue())
+    write_text_atomic(out / "metrics.csv", buf.getvalue())
     summary = {
         "count": len(rows),
+        "requested": len(wanted) if wanted is not None else len(rows) + len(failed),
+        "failed": len(failed),
+        "missing": len(wanted - rows.keys() - failed.keys()) if wanted is not None else 0,
         "count_with_truth": sum(1 for r in rows.values() if "psnr" in r),
         "mean": {m: _mean([r.get(m) for r in rows.values()]) for m in metrics},
         "seconds_per_image": _mean([r.get("seconds") for r in rows.values()]),
         "settings": settings or {},
     }
-    _write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -160,6 +212,7 @@ class RestorationWriter(BasePredictionWriter):
         self.save_grid = save_grid
         self.overwrite = overwrite
         self.summary: dict[str, Any] | None = None
+        self.failed = 0  # images that could not be restored (after on_predict_end, on every rank)
 
     # -- paths ------------------------------------------------------------------------------------------------
     def path(self, kind: str, key: str) -> Path:
@@ -174,6 +227,9 @@ class RestorationWriter(BasePredictionWriter):
         return not self.overwrite and all(self.path(kind, key).is_file() for kind in self._kinds())
 
     # -- writing ----------------------------------------------------------------------------------------------
+    def _part(self, trainer: L.Trainer) -> Path:
+        return self.output_dir / "metrics" / f"rank{trainer.global_rank}.jsonl"
+
     def _append_row(self, trainer: L.Trainer, item: dict[str, Any]) -> None:
         row = {
             "key": item["key"],
@@ -184,11 +240,24 @@ class RestorationWriter(BasePredictionWriter):
             "rank": trainer.global_rank,
             "written": time.time(),
         }
-        part = self.output_dir / "metrics" / f"rank{trainer.global_rank}.jsonl"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        _append_line(self._part(trainer), json.dumps(row))
+
+    def write_failure(self, trainer: L.Trainer, key: str, file: str, reason: str) -> None:
+        """Record that ``key`` (input ``file``) could not be restored, and why (logged and appended as a
+        ``"status": "failed"`` row). Ignored for images that are already done."""
+        if self.is_done(key):
+            return  # restored by an earlier run; its input going bad since changes nothing
+        where = file or key
+        log.warning("skipped %s", reason if where in reason else f"{where}: {reason}")
+        row = {
+            "key": key,
+            "input": file,
+            "status": FAILED,
+            "reason": reason,
+            "rank": trainer.global_rank,
+            "written": time.time(),
+        }
+        _append_line(self._part(trainer), json.dumps(row, ensure_ascii=False))
 
     def write_item(self, trainer: L.Trainer, item: dict[str, Any]) -> None:
         """Write one image's row and PNGs (the restored PNG last: it marks the image done)."""
@@ -218,18 +287,43 @@ class RestorationWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        groups = batch if isinstance(batch, (list, tuple)) else [batch]
+        for group in groups:
+            for f in getattr(group, "failures", None) or []:
+                self.write_failure(trainer, f["key"], f.get("file", ""), f.get("reason", ""))
         for item in prediction or []:
-            self.write_item(trainer, item)
+            if item.get("error") is not None:
+                self.write_failure(trainer, item["key"], str(item.get("file", "")), str(item["error"]))
+            else:
+                self.write_item(trainer, item)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remove the temporary files a killed run left (rank 0, before any rank writes)."""
+        if trainer.is_global_zero:
+            for p in remove_temp_files(self.output_dir):
+                log.info("removed %s, left by an interrupted run", p)
+        trainer.strategy.barrier("restoration_writer_clean")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Wait for every rank, then merge the part files on rank 0."""
+        """Wait for every rank, then merge the part files on rank 0 and report; :attr:`failed` on every rank."""
         trainer.strategy.barrier("restoration_writer_merge")
-        if not trainer.is_global_zero:
-            return
-        dm = trainer.datamodule
-        keys = list(dm.keys) if dm is not None and hasattr(dm, "keys") else None
-        settings = {"model": _public(pl_module.hparams)}
-        if dm is not None:
-            settings["data"] = _public(dm.hparams)
-        settings["world_size"] = trainer.world_size
-        self.summary = merge_metrics(self.output_dir, keys, settings)
+        failed = 0
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            keys = list(dm.keys) if dm is not None and hasattr(dm, "keys") else None
+            settings = {"model": _public(pl_module.hparams)}
+            if dm is not None:
+                settings["data"] = _public(dm.hparams)
+            settings["world_size"] = trainer.world_size
+            self.summary = merge_metrics(self.output_dir, keys, settings)
+            failed = int(self.summary["failed"])
+            self._report(self.summary)
+        self.failed = int(trainer.strategy.broadcast(failed, src=0))
+
+    def _report(self, summary: dict[str, Any]) -> None:
+        n, m, k = summary["count"], summary["requested"], summary["failed"]
+        line = f"restored {n} of {m} images"
+        if k:
+            log.warning("%s; %d failed: see %s", line, k, self.output_dir / "failed.json")
+        else:
+            log.info("%s into %s", line, self.output_dir)

@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,10 +86,15 @@ def export_main(argv: Sequence[str]) -> Path:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``diffpir-train``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
-        return
-    build_cli(args)  # None: LightningCLI reads sys.argv itself
+    try:
+        if argv and argv[0] == "export":
+            export_main(argv[1:])
+            return
+        build_cli(args)  # None: LightningCLI reads sys.argv itself
+    except (ValueError, OSError, pickle.UnpicklingError) as err:  # bad files, refused checkpoints: one line
+        from diffpir.restoration.cli import report_error
+
+        report_error("diffpir-train", err)
 
 
 if __name__ == "__main__":
