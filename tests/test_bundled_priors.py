@@ -1,0 +1,82 @@
+"""The committed priors load safely and restore for real (the digits prior on held-out MNIST digits)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffpir
+from diffpir.baselines import build_method
+from diffpir.datasets import list_images, load_image
+from diffpir.metrics import psnr
+from diffpir.operators import Blur, Inpaint, gaussian_kernel
+
+ASSETS = Path(diffpir.__file__).parent / "assets" / "priors"
+DIGITS = Path(__file__).parent / "fixtures" / "digits"  # 8 digits of the held-out validation split
+
+
+@pytest.fixture(scope="module")
+def digits_prior():
+    return diffpir.load_prior("digits")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    files = list_images(DIGITS)
+    assert len(files) == 8
+    return torch.stack([load_image(f, "L") for f in files])
+
+
+def per_image_generators(n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["digits", "natural"])
+def test_bundled_priors_are_small_and_described(name):
+    path = ASSETS / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"{name} prior not bundled yet")
+    assert path.stat().st_size < 20 * 2**20
+    card = (ASSETS / f"{name}.md").read_text()
+    for word in ("Data", "steps", "Parameters", "sigma 25"):
+        assert word in card
+
+
+def test_digits_prior_config(digits_prior):
+    assert digits_prior.net.config["in_channels"] == 1
+    assert not digits_prior.net.has_attention or digits_prior.net.config["image_size"] == 32
+    assert sum(p.numel() for p in digits_prior.parameters()) > 500_000
+
+
+def test_digits_prior_denoises_in_one_step(digits_prior, digits):
+    """sigma 25/255: the one-step denoiser gains more than 6 dB (measured: 22.9 -> 32.0 dB on 500 digits)."""
+    g = torch.Generator().manual_seed(0)
+    noisy = digits + 25 / 255 * torch.randn(digits.shape, generator=g)
+    with torch.no_grad():
+        den = (digits_prior.denoise(noisy * 2 - 1, 2 * 25 / 255) + 1) / 2
+    assert psnr(den, digits).mean() > psnr(noisy, digits).mean() + 6.0
+
+
+def test_digits_box_inpainting_improves_on_the_input(digits_prior, digits):
+    """A 12x14 box in the middle of each digit, 20 NFEs: +1.5 dB over the input at least (measured +2.1 dB)."""
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 8:20, 8:22] = 0
+    op = Inpaint(mask)
+    y = op(digits)
+    sampler = diffpir.DiffPIR(digits_prior.schedule, steps=20, lambda_=1.0, zeta=1.0)
+    x = sampler(y, op, digits_prior, sigma_n=0.0, generator=per_image_generators(len(y)))
+    assert psnr(x, digits).mean() > psnr(y, digits).mean() + 1.5
+    known = mask.bool().expand_as(digits)
+    assert (x - digits)[known].abs().mean() < 0.02  # the known pixels stay
+
+
+def test_digits_deblurring_beats_the_input_and_wiener(digits_prior, digits):
+    """Gaussian blur (9x9, std 2) and noise 0.05, 20 NFEs: +2.5 dB over the input (measured +3.2 dB) and better
+    than Wiener deconvolution (measured +0.6 dB)."""
+    op = Blur(gaussian_kernel(9, 2.0))
+    y = op(digits) + 0.05 * torch.randn(digits.shape, generator=torch.Generator().manual_seed(0))
+    sampler = diffpir.DiffPIR(digits_prior.schedule, steps=20, lambda_=7.0, zeta=0.3)
+    x = sampler(y, op, digits_prior, sigma_n=0.05, generator=per_image_generators(len(y)))
+    wiener = build_method("classical")(y, op, digits_prior, sigma_n=0.05)
+    assert psnr(x, digits).mean() > psnr(y, digits).mean() + 2.5
+    assert psnr(x, digits).mean() > psnr(wiener, digits).mean()
