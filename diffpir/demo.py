@@ -130,8 +130,7 @@ def table(results: dict[tuple[str, str], dict]) -> tuple[str, str]:
         cells = [f"{mean[m]:.4f}" if isinstance(mean.get(m), float) else "-" for m in METRICS]
         sec = s.get("seconds_per_image")
         lines.append(
-            f"| {task} | {method} | {nfe if nfe != '' else '-'} | {' | '.join(cells)} | "
-            f"{sec:.1f} |"
+            f"| {task} | {method} | {nfe if nfe != '' else '-'} | {' | '.join(cells)} | {sec:.1f} |"
             if isinstance(sec, float)
             else f"| {task} | {method} | - | {' | '.join(cells)} | - |"
         )
