@@ -209,3 +209,13 @@ def test_fid_weights_reproduce_fid_helper_features(tmp_path, monkeypatch):
         ours, theirs = net(x)[0].flatten(1), reference(x)
     assert ours.shape == (2, 2048)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_ssim_in_strips_equals_the_whole_image():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 70, 45, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    whole = metrics.ssim(x, y, strip_pixels=10**9)
+    strips = metrics.ssim(x, y, strip_pixels=16 * 45 * 3)  # 16-row strips
+    torch.testing.assert_close(strips, whole, atol=1e-12, rtol=1e-12)
+    assert 0.1 < whole.min() < whole.max() < 0.99
