@@ -35,6 +35,7 @@ from diffpir.operators import (
     random_mask,
 )
 from diffpir.prior import Prior
+from diffpir.utils import tune_malloc
 
 
 def tasks(size: int, g: torch.Generator) -> dict[str, tuple[object, float]]:
@@ -58,9 +59,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tune-malloc", action="store_true", help="diffpir.utils.tune_malloc() first (glibc)")
     ap.add_argument("--out", default="bench/results/sampler_overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tune_malloc:
+        print(f"tune_malloc: {tune_malloc()}")
     clock = time.process_time if args.threads == 1 else time.perf_counter
 
     g = torch.Generator().manual_seed(0)
@@ -128,6 +132,7 @@ def main() -> None:
         "batch": args.batch,
         "threads": torch.get_num_threads(),
         "clock": "process_time" if clock is time.process_time else "perf_counter",
+        "tune_malloc": args.tune_malloc,
         "machine": platform.machine(),
         "torch": torch.__version__,
     }
