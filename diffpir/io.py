@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from diffpir.checkpoints import atomic_output
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".tmp"  # what diffpir.checkpoints.atomic_output names its temporary files
 """Temporary files of the atomic writes are ``.<final name>.<random>.tmp`` (hidden, next to the final file)."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 120
@@ -222,15 +223,8 @@ def write_png_atomic(img: Tensor, path: str | os.PathLike, compression_level: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         png = encode_png(data.contiguous(), compression_level=compression_level)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png.numpy().tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(png.numpy().tobytes())
     return path
 
 

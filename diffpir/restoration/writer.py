@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from diffpir.io import TEMP_SUFFIX, remove_temp_files, safe_output_name, write_png_atomic
+from diffpir.checkpoints import atomic_output
+from diffpir.io import remove_temp_files, safe_output_name, write_png_atomic
 
 __all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_rows", "write_text_atomic"]
 
@@ -64,16 +64,8 @@ FAILED = "failed"
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _append_line(path: Path, line: str) -> None:
