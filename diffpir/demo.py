@@ -134,7 +134,7 @@ def table(results: dict[tuple[str, str], dict]) -> tuple[str, str]:
     w.writerow(["task", "method", "nfe", *METRICS, "seconds_per_image"])
     for (task, method), s in results.items():
         mean = s.get("mean", {})
-        nfe = mean.get("nfe", "")
+        nfe = s.get("nfe", "")
         cells = [f"{mean[m]:.4f}" if isinstance(mean.get(m), float) else "-" for m in METRICS]
         sec = s.get("seconds_per_image")
         lines.append(
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 print(f"[demo] {task}: {method} ...", flush=True)
                 results[(task, method)] = run_task(task, sub, images, args.steps, method, args.prior)
+                results[(task, method)]["nfe"] = args.steps if method == "diffpir" else 0
                 mean = results[(task, method)].get("mean", {})
                 shown = ", ".join(f"{m} {mean[m]:.3f}" for m in METRICS if isinstance(mean.get(m), float))
                 print(f"[demo] {task}: {method} done in {time.perf_counter() - t0:.0f} s ({shown})", flush=True)
