@@ -181,8 +181,18 @@ def _step_of(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
 
+@pytest.fixture
+def one_thread():
+    """The killed run is a subprocess with OMP_NUM_THREADS=1; the resumed and straight runs happen in this process.
+    Bit-exact comparison needs the same thread count (conv sums are ordered differently with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch):
+def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch, one_thread):
     data = _good_images(tmp_path / "data", 6)  # 4 training images x 2 crops / batch 4: 2 steps an epoch
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     killed.mkdir()
