@@ -421,3 +421,14 @@ def test_errors_name_the_problem():
         Denoise().prox(x, x, 0.0)
     with pytest.raises(ValueError, match="mask values must lie in"):
         Inpaint(torch.full((H, W), 2.0))
+
+
+def test_kernel_operators_work_when_built_under_inference_mode():
+    """Trainer.predict builds operators under inference mode: the transfer-function cache must cope."""
+    k = gaussian_kernel(5, 1.0).double()
+    x = rand(1, 1, 16, 16, seed=6)
+    ref = Blur(k).prox(x, Blur(k)(x), 0.5)
+    with torch.inference_mode():
+        op = Blur(k)
+        out = op.prox_fn(op(x))(x, 0.5)
+    torch.testing.assert_close(out, ref)

@@ -136,10 +136,8 @@ class RestorationBatch:
         return len(self.keys)
 
     def to(self, device: torch.device | str, **kwargs) -> RestorationBatch:
-        """The batch on ``device`` (tensors and operator moved; the operator outside inference mode, see
-        :func:`~diffpir.restoration.tasks.build_operator`)."""
-        with torch.inference_mode(False):
-            op = self.op.to(device) if self.op is not None else None
+        """The batch on ``device`` (tensors and operator moved)."""
+        op = self.op.to(device) if self.op is not None else None
         return replace(
             self,
             y=self.y.to(device),
@@ -152,8 +150,7 @@ class RestorationBatch:
         """The sub-batch of the images at ``index`` (the operator rebuilt from their parameters)."""
         idx = list(index)
         params = {k: v[idx] for k, v in self.params.items()}
-        with torch.inference_mode(False):  # see to()
-            op = build_operator(self.spec, params).to(self.y.device)
+        op = build_operator(self.spec, params).to(self.y.device)
         return replace(
             self,
             keys=[self.keys[i] for i in idx],

@@ -231,15 +231,7 @@ def load_params(spec: Degradation, key: str, h: int, w: int) -> dict[str, Tensor
 def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
     """The batched operator for parameters stacked over a batch (``kernel`` ``[N, kh, kw]``, ``mask``
     ``[N, 1, H, W]``; absent for bicubic SR and denoising).
-
-    The operator is built outside inference mode (on copies of ``params``), so it works when built inside
-    ``Trainer.predict`` (inference tensors have no version counter, which kernel operators use for caching).
     """
-    with torch.inference_mode(False):
-        return _build_operator(spec, {k: v.clone() for k, v in params.items()})
-
-
-def _build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
     fam = spec.family
     if fam == "blur":
         return Blur(params["kernel"])
