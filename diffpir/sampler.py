@@ -75,6 +75,9 @@ def randn(shape: torch.Size | Sequence[int], generator: GeneratorArg, like: Tens
     ).to(like.device)
 
 
+INITS = ("auto", "noise", "measurement", "classical")
+
+
 class DiffPIR:
     """DiffPIR sampling (Algorithm 1 of Zhu et al. 2023).
 
@@ -89,8 +92,11 @@ class DiffPIR:
         guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (official ``guidance_scale``; 1 = plain).
         clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
         init: ``"noise"`` starts from pure noise at ``t_start``; ``"measurement"`` diffuses
-            ``op.initial_estimate(y)`` to ``t_start`` (the official code's start). ``"auto"`` (default) uses
-            ``"measurement"`` when ``t_start < T - 1`` and ``"noise"`` otherwise.
+            ``op.initial_estimate(y)`` to ``t_start`` (the official code's start); ``"classical"`` diffuses the
+            classical baseline's restoration (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic
+            fill, bicubic upsampling or SURE smoothing, by operator; a better start than ``y`` itself, so a lower
+            ``t_start`` does). ``"auto"`` (default) uses ``"measurement"`` when ``t_start < T - 1`` and
+            ``"noise"`` otherwise.
     """
 
     def __init__(
@@ -104,7 +110,7 @@ class DiffPIR:
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement"] = "auto",
+        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
     ):
         if not 0.0 <= zeta <= 1.0:
             raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
@@ -112,8 +118,8 @@ class DiffPIR:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         if lambda_ <= 0 or not math.isfinite(lambda_):
             raise ValueError(f"lambda_ must be a positive number, got {lambda_}")
-        if init not in ("auto", "noise", "measurement"):
-            raise ValueError(f"init must be 'auto', 'noise' or 'measurement', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
         self.schedule = schedule
         self.steps = steps
         self.lambda_ = float(lambda_)
@@ -126,6 +132,15 @@ class DiffPIR:
         self.init = init
         # Validates steps / skip / t_start once, at construction.
         self.timesteps = schedule.timesteps(steps, skip, self.t_start)
+
+    def initial_estimate(self, y: Tensor, op: DataOperator, sigma_n: float) -> Tensor:
+        """The image-shaped start in [0, 1] that ``init`` diffuses to ``t_start``: ``op.initial_estimate(y)``, or
+        with ``init="classical"`` the classical baseline's restoration."""
+        if self.init == "classical":
+            from diffpir.baselines.classical import Classical  # noqa: PLC0415 (baselines build on the sampler)
+
+            return Classical()(y, op, None, sigma_n).clamp(0, 1).to(y.dtype)
+        return op.initial_estimate(y)
 
     def __repr__(self) -> str:
         return (
@@ -187,8 +202,8 @@ class DiffPIR:
         t0 = ts[0]
         noise = randn(x_shape, generator, y)
         init = self.init if self.init != "auto" else ("measurement" if t0 < sched.T - 1 else "noise")
-        if init == "measurement" or x_init is not None:
-            est = op.initial_estimate(y) if x_init is None else x_init
+        if init != "noise" or x_init is not None:
+            est = x_init if x_init is not None else self.initial_estimate(y, op, sigma_n)
             if est.shape != x_shape:
                 raise ValueError(f"x_init has shape {tuple(est.shape)}, expected {tuple(x_shape)}")
             x = float(sa[t0]) * (2 * est - 1) + float(s1a[t0]) * noise
@@ -232,4 +247,4 @@ class DiffPIR:
         return (x + 1) / 2
 
 
-__all__ = ["DiffPIR", "StepState", "EpsModel", "DataOperator", "randn"]
+__all__ = ["INITS", "DiffPIR", "StepState", "EpsModel", "DataOperator", "randn"]

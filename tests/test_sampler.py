@@ -157,6 +157,22 @@ def test_t_start_diffuses_the_measurement(sched, prior, deblur_problem):
     torch.testing.assert_close(seen[0].x_t, math.sqrt(ab) * (2 * y[:1] - 1) + math.sqrt(1 - ab) * noise)
 
 
+def test_classical_init_diffuses_the_classical_restoration(sched, prior, deblur_problem):
+    from diffpir.baselines import Classical
+
+    _, y, op, _, sigma_n = deblur_problem
+    seen = []
+    sampler = DiffPIR(sched, steps=10, t_start=200, zeta=0.0, init="classical")
+    sampler(y[:1], op, prior, sigma_n=sigma_n, generator=torch.Generator().manual_seed(0), callback=seen.append)
+    est = Classical()(y[:1], op, None, sigma_n).clamp(0, 1)
+    assert (est - y[:1]).abs().max() > 0.05  # Wiener deconvolution, not the blurred measurement
+    noise = torch.randn(y[:1].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)
+    ab = sched.alphas_cumprod[200].item()
+    torch.testing.assert_close(seen[0].x_t, math.sqrt(ab) * (2 * est - 1) + math.sqrt(1 - ab) * noise)
+    with pytest.raises(ValueError, match="init must be one of"):
+        DiffPIR(sched, init="wiener")
+
+
 def test_inpainting_keeps_known_pixels_close(sched, prior):
     g = torch.Generator().manual_seed(11)
     u = (prior.sample(2, generator=g) + 1) / 2

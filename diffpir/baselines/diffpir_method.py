@@ -34,7 +34,7 @@ class DiffPIRMethod(Method):
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement"] = "auto",
+        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
         sampler: DiffPIR | None = None,
     ):
         self.kwargs: dict[str, Any] = {

@@ -78,7 +78,7 @@ class RestorationModule(L.LightningModule):
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement"] = "auto",
+        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
         prior_precision: PriorPrecision = "32",
         seed: int = 0,
         lpips: bool | None = None,
