@@ -244,6 +244,46 @@ def test_cli_skips_bad_images_restores_the_rest_and_exits_nonzero(prior_file, tm
     assert json.loads((out / "summary.json").read_text())["failed"] == 6
 
 
+def test_out_of_memory_retries_one_by_one_then_skips_the_image(prior_file, tmp_path, monkeypatch, caplog):
+    images = _write_images(tmp_path / "in", 3)
+    base = ["predict", "--config", str(DENOISE), "--model.prior", str(prior_file), *QUICK.split()]
+    base += ["--data.images", str(images)]
+    main([*base, "--writer.output_dir", str(tmp_path / "ref"), "--data.batch_size", "1"])
+
+    original = RestorationModule.restore
+    calls: list[list[str]] = []
+
+    def restore(self, batch):
+        calls.append(list(batch.keys))
+        if len(batch) > 1 or batch.keys == ["img1"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(RestorationModule, "restore", restore)
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="diffpir")
+    with pytest.raises(SystemExit) as info:
+        main([*base, "--writer.output_dir", str(out), "--data.batch_size", "3"])
+    assert info.value.code == 1
+    assert calls == [["img0", "img1", "img2"], ["img0"], ["img1"], ["img2"]]
+    failed = _failed(out)
+    assert set(failed) == {"img1"} and re.search(
+        r"out of memory restoring a 16x16 image.*tile_size", failed["img1"]["reason"]
+    )
+    assert sorted(p.name for p in (out / "restored").iterdir()) == ["img0.png", "img2.png"]
+    for name in ("img0.png", "img2.png"):  # the retry gives what a batch of one gives
+        assert (out / "restored" / name).read_bytes() == (tmp_path / "ref" / "restored" / name).read_bytes()
+    assert any("retrying them one at a time" in r.getMessage() for r in caplog.records)
+
+    # Other errors are not swallowed.
+    def broken(self, batch):
+        raise RuntimeError("shape mismatch in a user operator")
+
+    monkeypatch.setattr(RestorationModule, "restore", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main([*base, "--writer.output_dir", str(tmp_path / "out2")])
+
+
 def test_cli_exits_zero_when_every_image_is_restored(prior_file, tmp_path):
     images = _write_images(tmp_path / "in", 2)
     out = tmp_path / "out"

@@ -13,6 +13,8 @@ image restores the same whatever batch or rank it lands in.
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -26,6 +28,23 @@ from diffpir.prior import Prior, load_prior
 from diffpir.restoration.data import RestorationBatch
 from diffpir.restoration.tasks import image_generator
 from diffpir.sampler import DataOperator, DiffPIR, StepState
+
+log = logging.getLogger("diffpir")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA, MPS or CPU) rather than a bug."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 __all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook"]
 
@@ -192,8 +211,29 @@ class RestorationModule(L.LightningModule):
                 continue
             if len(todo) < len(group):
                 group = group.select(todo)
-            out.extend(self.restore(group))
+            out.extend(self._restore_or_split(group))
         return out
+
+    def _restore_or_split(self, batch: RestorationBatch) -> list[dict[str, Any]]:
+        """:meth:`restore`; when memory runs out, again image by image (same results: generators are per image),
+        and an image that does not fit alone becomes a failure (``failed.json``) instead of stopping the run."""
+        try:
+            return self.restore(batch)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            _release_memory()
+            if len(batch) > 1:
+                log.warning("out of memory restoring %d images together; retrying them one at a time", len(batch))
+                return [r for i in range(len(batch)) for r in self._restore_or_split(batch.select([i]))]
+            h, w = batch.op.x_shape(batch.y.shape)[-2:] if batch.op is not None else batch.y.shape[-2:]
+            tiles = "a smaller --model.tile_size" if self.hparams.get("tile_size") else "--model.tile_size 256"
+            reason = (
+                f"out of memory restoring a {h}x{w} image ({type(err).__name__}): use {tiles}, "
+                "--model.prior_precision bf16 on a GPU, or a smaller image"
+            )
+            log.warning("%s: %s", batch.keys[0], reason)
+            return [{"key": batch.keys[0], "file": "", "error": reason}]
 
     def restore(self, batch: RestorationBatch) -> list[dict[str, Any]]:
         """Run the sampler on one size group and package the per-image results."""
