@@ -16,7 +16,13 @@ configuration (defaults 1000 and 100: the 8 evaluation photos are far too few, a
         --tasks deblur_gaussian sr_x4 --out /tmp/compare                               # smoke test
 
 Writes ``<out>.csv`` (one row per task x method x NFE, means over images), ``<out>_images.csv`` (one row per image)
-and ``<out>.md`` (tables per task). ``--method-args dps='{"scale": 1.0}'`` overrides a method's settings.
+and ``<out>.md`` (tables per task). Runs split over processes or machines merge into one table::
+
+    python bench/compare_methods.py --tasks deblur_gaussian sr_x4 --out /tmp/a &
+    python bench/compare_methods.py --tasks inpaint_box denoise --out /tmp/b &
+    wait; python bench/compare_methods.py --merge /tmp/a /tmp/b     # into --out (default bench/results/compare_methods)
+
+``--method-args dps='{"scale": 1.0}'`` overrides a method's settings.
 """
 
 from __future__ import annotations
@@ -70,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=OUT, help="output path without suffix")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="OUT",
+        help="instead of running: merge the results of earlier runs (their --out paths) into --out",
+    )
     return p
 
 
@@ -119,8 +133,67 @@ def write_markdown(path: Path, rows: list[dict], header: dict, notes: list[str])
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _read_csv(path: Path) -> list[dict]:
+    """Rows of a results CSV, numbers parsed."""
+
+    def parse(v: str) -> object:
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: parse(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+def _write_csv(path: Path, table: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in table for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(table)
+
+
+def merge(parts: list[Path], out: Path, args: argparse.Namespace) -> list[dict]:
+    """Merge runs split over processes or machines (e.g. tasks in parallel, the slow DPS-1000 apart) into one
+    table: rows ordered by task (paper order first), then method and NFE as they appear."""
+    summary = [r for p in parts for r in _read_csv(p.with_suffix(".csv"))]
+    per_image = [r for p in parts if Path(f"{p}_images.csv").is_file() for r in _read_csv(Path(f"{p}_images.csv"))]
+    if not summary:
+        raise SystemExit(f"nothing to merge in {[str(p) for p in parts]}")
+    tasks = list(dict.fromkeys([t for t in PAPER_TASKS if any(r["task"] == t for r in summary)]
+                               + [r["task"] for r in summary]))  # fmt: skip
+    methods = list(dict.fromkeys([*METHODS, *(r["method"] for r in summary)]))
+    summary.sort(key=lambda r: (tasks.index(r["task"]), methods.index(r["method"]), r["nfe"]))
+    counts = sorted({int(r["images"]) for r in summary})
+    notes = []
+    if len(counts) > 1:
+        notes.append(f"Rows average different image counts ({', '.join(map(str, counts))}): see the images column of "
+                     f"{out.with_suffix('.csv').name} and the per-image rows of {out.name}_images.csv.")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(out.with_suffix(".csv"), summary)
+    _write_csv(Path(f"{out}_images.csv"), per_image)
+    header = {
+        "prior": args.prior,
+        "images": "/".join(map(str, counts)),
+        "images_dir": args.images_dir.relative_to(ROOT) if args.images_dir.is_relative_to(ROOT) else args.images_dir,
+        "size": args.size,
+        "device": "see the runs",
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    write_markdown(out.with_suffix(".md"), summary, header, notes)
+    print(f"merged {len(parts)} run(s) into {out.with_suffix('.csv')}, {out}_images.csv and {out.with_suffix('.md')}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = _parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from diffpir.prior import load_prior
@@ -191,11 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, table in ((args.out.with_suffix(".csv"), summary), (Path(f"{args.out}_images.csv"), per_image)):
-        fields = list(dict.fromkeys(k for r in table for k in r))
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(table)
+        _write_csv(path, table)
     header = {
         "prior": args.prior,
         "images": n_img,

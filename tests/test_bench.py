@@ -1,0 +1,66 @@
+"""The comparison benchmark end to end on a tiny random prior: runs split over processes merge into one table."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffpir.models import build_unet
+from diffpir.prior import Prior, export_prior
+from diffpir.schedule import NoiseSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "bench" / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_split_runs_merge_into_one_table(compare, tmp_path):
+    torch.manual_seed(0)  # weights only
+    prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    images = tmp_path / "eval"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    common = ["--prior", str(prior), "--images-dir", str(images), "--lpips", "--threads", "1"]
+    a = compare.main([*common, "--tasks", "denoise", "--methods", "diffpir", "classical", "--nfes", "2", "3",
+                      "--out", str(tmp_path / "a")])  # fmt: skip
+    b = compare.main([*common, "--tasks", "inpaint_random", "--methods", "diffpir", "--nfes", "2", "--images", "1",
+                      "--out", str(tmp_path / "b")])  # fmt: skip
+    assert [(r["method"], r["nfe"]) for r in a] == [("diffpir", 2), ("diffpir", 3), ("classical", 0)]
+
+    merged = compare.main(["--merge", str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(tmp_path / "all")])
+    # paper task order, then method and NFE; values carried over unchanged
+    assert [(r["task"], r["method"], r["nfe"]) for r in merged] == [
+        ("inpaint_random", "diffpir", 2),
+        ("denoise", "diffpir", 2),
+        ("denoise", "diffpir", 3),
+        ("denoise", "classical", 0),
+    ]
+    rows = _rows(tmp_path / "all.csv")
+    assert float(rows[1]["psnr"]) == pytest.approx(a[0]["psnr"]) and float(rows[0]["psnr"]) == pytest.approx(
+        b[0]["psnr"]
+    )
+    assert len(_rows(tmp_path / "all_images.csv")) == 2 * 3 + 1
+    md = (tmp_path / "all.md").read_text()
+    assert "## inpaint_random" in md and "## denoise" in md and "different image counts (1, 2)" in md
+    with pytest.raises(SystemExit, match="nothing to merge"):
+        (tmp_path / "empty.csv").write_text("task,method\n")
+        compare.main(["--merge", str(tmp_path / "empty"), "--out", str(tmp_path / "none")])
