@@ -2,8 +2,9 @@
 lambda and zeta (Fig. 8).
 
 - ``nfe``: PSNR / SSIM / LPIPS against the number of steps, for DiffPIR and (``--nfe-methods``) DPS and DDNM.
-- ``tstart``: DiffPIR starting at ``t_start`` from the measurement's initial estimate diffused there (``--steps``
-  NFEs spread over ``[0, t_start]`` with the quad schedule), from ``t_start = T - 1`` (pure noise) down.
+- ``tstart``: DiffPIR starting at ``t_start`` from the measurement's initial estimate (``init: measurement``, the
+  paper's Fig. 7) or the classical restoration (``init: classical``) diffused there (``--steps`` NFEs spread over
+  ``[0, t_start]`` with the quad schedule), from ``t_start = T - 1`` (all but pure noise) down.
 - ``lambda_zeta``: a ``lambda`` x ``zeta`` grid at ``--steps`` NFEs: heat maps of PSNR and LPIPS, and one curve per
   ``zeta`` against ``lambda``.
 
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nfes", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     p.add_argument("--nfe-methods", nargs="+", default=["diffpir", "dps", "ddnm"], choices=["diffpir", "dps", "ddnm"])
     p.add_argument("--tstarts", type=int, nargs="+", default=[100, 200, 300, 400, 600, 800, 999])
+    p.add_argument(
+        "--inits",
+        nargs="+",
+        default=["measurement", "classical"],
+        choices=["measurement", "classical"],
+        help="what the t_start ablation diffuses: the measurement's initial estimate, the classical restoration",
+    )
     p.add_argument("--lambdas", type=float, nargs="+", default=[1, 2, 4, 7, 12, 20, 35, 50])
     p.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5, 0.7, 1.0])
     p.add_argument("--seed", type=int, default=0)
@@ -189,15 +197,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     base = method_defaults("diffpir", config, args.steps)
     if "tstart" in args.which:  # Fig. 7
         rows = []
-        for t in sorted(args.tstarts, reverse=True):
-            row = measure("diffpir", **{**base, "t_start": t})
-            rows.append({"t_start": t, "init": "noise" if t >= 999 else "measurement", **row})
+        for init in args.inits:
+            for t in sorted(args.tstarts, reverse=True):
+                row = measure("diffpir", **{**base, "t_start": t, "init": init})
+                rows.append({"t_start": t, "init": init, **row})
         _write_csv(args.out_dir / f"ablation_tstart_{args.task}.csv", rows)
         _lines(
             args.out_dir / f"ablation_tstart_{args.task}.png",
             rows,
             "t_start",
-            "method",
+            "init",
             plot_metrics,
             f"Quality against t_start, {args.steps} NFEs ({where})",
             logx=False,
