@@ -119,13 +119,14 @@ def write_markdown(path: Path, rows: list[dict], header: dict, notes: list[str])
     for task in dict.fromkeys(r["task"] for r in rows):
         lines += ["", f"## {task}", ""]
         names = {"psnr": "PSNR", "ssim": "SSIM", "lpips_vgg": "LPIPS-VGG", "lpips_alex": "LPIPS-Alex"}
-        head = ["method", "NFE", *[names.get(c, c.upper()) for c in cols], "s/img", "peak MiB", "+MiB", "settings"]
+        head = ["method", "NFE", "images", *[names.get(c, c.upper()) for c in cols], "s/img", "peak MiB", "+MiB"]
+        head.append("settings")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in (r for r in rows if r["task"] == task):
             digits = {"psnr": 2, "ssim": 4, "lpips_vgg": 4, "lpips_alex": 4, "fid": 2, "kid": 4}
             vals = [_fmt(r.get(c, float("nan")), digits[c]) for c in cols]
             lines.append(
-                f"| {r['method']} | {r['nfe']} | "
+                f"| {r['method']} | {r['nfe']} | {r.get('images', '-')} | "
                 + " | ".join(vals)
                 + f" | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {r['extra_mib']:.0f}"
                 f" | `{r['settings']}` |"
@@ -181,7 +182,7 @@ def merge(parts: list[Path], out: Path, args: argparse.Namespace) -> list[dict]:
         "images": "/".join(map(str, counts)),
         "images_dir": args.images_dir.relative_to(ROOT) if args.images_dir.is_relative_to(ROOT) else args.images_dir,
         "size": args.size,
-        "device": "see the runs",
+        "device": "as in the merged runs",
         "seed": args.seed,
         "date": time.strftime("%Y-%m-%d"),
     }

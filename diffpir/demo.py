@@ -1,6 +1,6 @@
 """The main job: restore the bundled sample photos for every paper task with the bundled ``natural`` prior.
 
-    python -m diffpir.demo [--out outputs/demo] [--steps 10] [--images 5] [--no-baseline]
+    python -m diffpir.demo [--out outputs/demo] [--steps N] [--images 5] [--no-baseline]
 
 For each task (configs/restore/<task>.yaml: Gaussian and motion deblurring, SR x4, box and random inpainting,
 denoising) it runs ``diffpir-restore predict`` on the bundled 256x256 sample photos (``diffpir/assets/samples``),
@@ -12,9 +12,9 @@ upsampling, harmonic fill, ...) when that method is available. It writes, under 
     overview.png                                                      one row per task for the first photo
     metrics.md, metrics.csv                                           the table of all tasks and methods
 
-NFEs are cut from the paper's 100 to 10 per image, and every task starts from its classical baseline's restoration
-diffused to a per-task t_start (``FAST``; paper Fig. 7) rather than from pure noise, so that the whole demo takes
-about five minutes on two CPU cores. Reruns skip images already restored.
+NFEs are cut from the paper's 100 to 10 per image (40 for random inpainting), and every task starts from its
+classical baseline's restoration diffused to a per-task t_start (``FAST``; paper Fig. 7) rather than from pure
+noise, so that the whole demo takes about five minutes on two CPU cores. Reruns skip images already restored.
 """
 
 from __future__ import annotations
@@ -34,15 +34,24 @@ TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_ra
 # DiffPIR's settings for the bundled undertrained `natural` prior at few NFEs, chosen on 256x256 crops of the
 # validation photos (data/natural/val, apart from the sample photos; docs/benchmarks.md has the sweep): start from
 # the classical baseline's restoration diffused to t_start (paper Fig. 7: a late start loses little and saves NFEs)
-# and re-noise with fresh noise only (zeta = 1). The configs keep the official settings for the paper's protocol.
+# and re-noise with fresh noise only (zeta = 1); 10 NFEs (``--steps``) unless a task sets its own ("steps": random
+# inpainting needs more to beat the harmonic fill). The configs keep the official settings for the paper's protocol.
 FAST: dict[str, dict[str, object]] = {
     "deblur_gaussian": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "deblur_motion": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "sr_x4": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "inpaint_box": {"init": "classical", "t_start": 300, "lambda_": 1.0, "zeta": 1.0},
-    "inpaint_random": {"init": "classical", "t_start": 200, "lambda_": 1.0, "zeta": 1.0},
+    "inpaint_random": {"init": "classical", "t_start": 200, "lambda_": 1.0, "zeta": 1.0, "steps": 40},
     "denoise": {"init": "classical", "t_start": 200, "lambda_": 7.0, "zeta": 1.0},
 }
+DEFAULT_STEPS = 10
+
+
+def demo_steps(task: str, steps: int | None = None) -> int:
+    """DiffPIR's NFEs for ``task``: ``steps`` when given, else the task's own (``FAST``), else ``DEFAULT_STEPS``."""
+    return int(steps) if steps is not None else int(FAST.get(task, {}).get("steps", DEFAULT_STEPS))
+
+
 METRICS = ("psnr", "ssim", "lpips")
 
 
@@ -77,8 +86,7 @@ def run_task(task: str, out: Path, images: Path, steps: int, method: str = "diff
         "false",
     ]
     if method == "diffpir":
-        args += ["--model.steps", str(steps)]
-        for key, value in FAST.get(task, {}).items():
+        for key, value in {**FAST.get(task, {}), "steps": steps}.items():
             args += [f"--model.{key}", str(value)]
     else:
         args += ["--model.method", method]
@@ -157,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Restore the bundled sample photos for every paper task.")
     ap.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     ap.add_argument("--prior", default="natural", help="a bundled prior name or a prior file (default: natural)")
-    ap.add_argument("--steps", type=int, default=10, help="DiffPIR NFEs per image (default: 10)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="DiffPIR NFEs per image for every task (default: 10; 40 for inpaint_random)",
+    )
     ap.add_argument("--images", type=int, default=5, help="how many bundled photos (default: all 5)")
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     ap.add_argument("--no-baseline", action="store_true", help="skip the classical baselines")
@@ -183,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 sub = out / task if method == "diffpir" else out / "baselines" / method / task
                 t0 = time.perf_counter()
                 print(f"[demo] {task}: {method} ...", flush=True)
-                results[(task, method)] = run_task(task, sub, images, args.steps, method, args.prior)
-                results[(task, method)]["nfe"] = args.steps if method == "diffpir" else 0
+                steps = demo_steps(task, args.steps)
+                results[(task, method)] = run_task(task, sub, images, steps, method, args.prior)
+                results[(task, method)]["nfe"] = steps if method == "diffpir" else 0
                 mean = results[(task, method)].get("mean", {})
                 shown = ", ".join(f"{m} {mean[m]:.3f}" for m in METRICS if isinstance(mean.get(m), float))
                 print(f"[demo] {task}: {method} done in {time.perf_counter() - t0:.0f} s ({shown})", flush=True)

@@ -2,8 +2,10 @@
 
 import csv
 
+import yaml
+
 from diffpir import NoiseSchedule, export_prior
-from diffpir.demo import main
+from diffpir.demo import DEFAULT_STEPS, FAST, demo_steps, main
 from diffpir.models import build_unet
 
 
@@ -21,6 +23,8 @@ def test_demo_runs_end_to_end_on_a_tiny_prior(tmp_path):
     for r in rows:
         assert 5.0 < float(r["psnr"]) < 60.0
     assert (out / "overview.png").stat().st_size > 1000
+    model = yaml.safe_load((out / "denoise" / "config.yaml").read_text())["model"]  # the task's demo settings
+    assert (model["steps"], model["init"], model["t_start"], model["zeta"]) == (2, "classical", 200, 1.0)
     assert "| denoise | diffpir |" in (out / "metrics.md").read_text()
     # a rerun restores nothing again and gives the same table
     before = (out / "metrics.csv").read_text()
@@ -31,3 +35,9 @@ def test_demo_runs_end_to_end_on_a_tiny_prior(tmp_path):
 def test_demo_explains_a_missing_prior(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--prior", str(tmp_path / "nope.safetensors")]) == 2
     assert "cannot load the prior" in capsys.readouterr().err
+
+
+def test_demo_steps_per_task():
+    assert demo_steps("deblur_gaussian") == DEFAULT_STEPS == 10
+    assert demo_steps("inpaint_random") == FAST["inpaint_random"]["steps"] == 40
+    assert demo_steps("inpaint_random", 3) == demo_steps("denoise", 3) == 3
