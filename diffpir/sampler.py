@@ -92,7 +92,9 @@ class DiffPIR:
         guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (official ``guidance_scale``; 1 = plain).
         clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
         init: ``"noise"`` starts from pure noise at ``t_start``; ``"measurement"`` diffuses
-            ``op.initial_estimate(y)`` to ``t_start`` (the official code's start); ``"classical"`` diffuses the
+            ``op.initial_estimate(y)`` to ``t_start`` as the official code does: as ``x`` at ``t_y``, the timestep
+            whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise ``y`` already has), adding only the missing
+            noise; ``"classical"`` diffuses the
             classical baseline's restoration (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic
             fill, bicubic upsampling or SURE smoothing, by operator; a better start than ``y`` itself, so a lower
             ``t_start`` does). ``"auto"`` (default) uses ``"measurement"`` when ``t_start < T - 1`` and
@@ -206,7 +208,15 @@ class DiffPIR:
             est = x_init if x_init is not None else self.initial_estimate(y, op, sigma_n)
             if est.shape != x_shape:
                 raise ValueError(f"x_init has shape {tuple(est.shape)}, expected {tuple(x_shape)}")
-            x = float(sa[t0]) * (2 * est - 1) + float(s1a[t0]) * noise
+            if init == "measurement" and x_init is None:
+                # The official start: y already carries noise of std 2 sigma_n (network scale), so it stands for
+                # x at t_y (sigma_bar[t_y] ~ 2 sigma_n) and is diffused from t_y to t_start with the missing noise.
+                t_y = int(sched.timestep_for_sigma(2 * float(sigma_n)))
+                ratio = float(sa[t0]) / float(sa[t_y])
+                std = math.sqrt(max(float(s1a[t0]) ** 2 - ratio**2 * float(s1a[t_y]) ** 2, 0.0))
+                x = ratio * (2 * est - 1) + std * noise
+            else:
+                x = float(sa[t0]) * (2 * est - 1) + float(s1a[t0]) * noise
         else:
             x = noise
 

@@ -153,8 +153,24 @@ def test_t_start_diffuses_the_measurement(sched, prior, deblur_problem):
     sampler(y[:1], op, prior, sigma_n=sigma_n, generator=torch.Generator().manual_seed(0), callback=seen.append)
     assert seen[0].t == 200 and sampler.nfe == 10
     noise = torch.randn(y[:1].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)
-    ab = sched.alphas_cumprod[200].item()
-    torch.testing.assert_close(seen[0].x_t, math.sqrt(ab) * (2 * y[:1] - 1) + math.sqrt(1 - ab) * noise)
+    # the official start: y is x at t_y (sigma_bar[t_y] ~ 2 sigma_n), diffused from t_y to t_start
+    ab = sched.alphas_cumprod.double()
+    t_y = int((((1 - ab) / ab).sqrt() - 2 * sigma_n).abs().argmin())
+    assert 0 < t_y < 200
+    ratio = math.sqrt(ab[200] / ab[t_y])
+    std = math.sqrt((1 - ab[200]) - ratio**2 * (1 - ab[t_y]))
+    torch.testing.assert_close(seen[0].x_t, ratio * (2 * y[:1] - 1) + std * noise)
+
+
+def test_denoising_started_at_the_noise_level_of_y_adds_no_noise(sched, prior):
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(1, 3, H, W, generator=g, dtype=torch.float64)
+    sigma_n = 0.1
+    y = u + sigma_n * torch.randn(u.shape, generator=g, dtype=u.dtype)
+    t_y = int(sched.timestep_for_sigma(2 * sigma_n))
+    seen = []
+    DiffPIR(sched, steps=4, t_start=t_y)(y, Denoise(), prior, sigma_n=sigma_n, generator=g, callback=seen.append)
+    torch.testing.assert_close(seen[0].x_t, 2 * y.clamp(0, 1) - 1)  # y (its initial estimate) is already x at t_y
 
 
 def test_classical_init_diffuses_the_classical_restoration(sched, prior, deblur_problem):
