@@ -40,8 +40,15 @@ FAST: dict[str, dict[str, object]] = {
     "deblur_gaussian": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "deblur_motion": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "sr_x4": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
-    "inpaint_box": {"init": "classical", "t_start": 300, "lambda_": 1.0, "zeta": 1.0},
-    "inpaint_random": {"init": "classical", "t_start": 200, "lambda_": 1.0, "zeta": 1.0, "steps": 40},
+    "inpaint_box": {"init": "classical", "t_start": 100, "lambda_": 1.0, "zeta": 1.0, "final_data_step": True},
+    "inpaint_random": {
+        "init": "classical",
+        "t_start": 200,
+        "lambda_": 1.0,
+        "zeta": 1.0,
+        "steps": 40,
+        "final_data_step": True,
+    },
     "denoise": {"init": "classical", "t_start": 200, "lambda_": 7.0, "zeta": 1.0},
 }
 DEFAULT_STEPS = 10

@@ -99,6 +99,9 @@ class DiffPIR:
             fill, bicubic upsampling or SURE smoothing, by operator; a better start than ``y`` itself, so a lower
             ``t_start`` does). ``"auto"`` (default) uses ``"measurement"`` when ``t_start < T - 1`` and
             ``"noise"`` otherwise.
+        final_data_step: also take the data step on the last step and return its ``x0_hat``, as Algorithm 1 of the
+            paper writes it (the official code returns the last ``x0_pred``). For noiseless inpainting it keeps the
+            known pixels exact.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class DiffPIR:
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
         init: Literal["auto", "noise", "measurement", "classical"] = "auto",
+        final_data_step: bool = False,
     ):
         if not 0.0 <= zeta <= 1.0:
             raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
@@ -132,6 +136,7 @@ class DiffPIR:
         self.guidance_scale = float(guidance_scale)
         self.clip_denoised = clip_denoised
         self.init = init
+        self.final_data_step = bool(final_data_step)
         # Validates steps / skip / t_start once, at construction.
         self.timesteps = schedule.timesteps(steps, skip, self.t_start)
 
@@ -147,7 +152,8 @@ class DiffPIR:
     def __repr__(self) -> str:
         return (
             f"DiffPIR(steps={self.steps}, lambda_={self.lambda_}, zeta={self.zeta}, skip={self.skip!r}, "
-            f"t_start={self.t_start}, eta={self.eta}, guidance_scale={self.guidance_scale})"
+            f"t_start={self.t_start}, eta={self.eta}, guidance_scale={self.guidance_scale}, init={self.init!r}, "
+            f"final_data_step={self.final_data_step})"
         )
 
     @property
@@ -156,7 +162,7 @@ class DiffPIR:
         return len(self.timesteps)
 
     def rhos(self, sigma_n: float) -> list[float]:
-        """The data-step penalty ``rho_t`` of each step (the last step has no data step)."""
+        """The data-step penalty ``rho_t`` of each step (the last one is used only with ``final_data_step``)."""
         sigma = max(float(sigma_n), 0.001)
         sb = self.schedule.host("sigma_bar")
         return [self.lambda_ * sigma**2 / float(sb[t]) ** 2 for t in self.timesteps]
@@ -230,8 +236,9 @@ class DiffPIR:
             x0_pred = torch.sub(x, eps, alpha=s_t).div_(a_t)
             if self.clip_denoised:
                 x0_pred.clamp_(-1.0, 1.0)
-            # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step.
-            if last:
+            # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step (official code) unless
+            # final_data_step (Algorithm 1 of the paper).
+            if last and not self.final_data_step:
                 x0_hat = x0_pred
             else:
                 x0_hat = prox(x0_pred.add(1.0).mul_(0.5), rhos[i]).mul(2.0).sub_(1.0)

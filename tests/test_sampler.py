@@ -201,6 +201,27 @@ def test_inpainting_keeps_known_pixels_close(sched, prior):
     assert mse(x, u) < 0.5 * mse(y, u)
 
 
+def test_final_data_step_returns_the_prox_of_the_last_prediction(sched, prior):
+    g = torch.Generator().manual_seed(12)
+    u = (prior.sample(1, generator=g) + 1) / 2
+    mask = (torch.rand(1, 1, H, W, generator=g) > 0.5).double()
+    op, y = Inpaint(mask), Inpaint(mask)(u)
+    runs = {}
+    for final in (False, True):
+        seen = []
+        sampler = DiffPIR(sched, steps=6, lambda_=1.0, zeta=1.0, final_data_step=final)
+        x = sampler(y, op, prior, sigma_n=0.0, generator=torch.Generator().manual_seed(3), callback=seen.append)
+        runs[final] = (x, seen[-1])
+    (x_off, last_off), (x_on, last_on) = runs[False], runs[True]
+    torch.testing.assert_close(last_on.x0_pred, last_off.x0_pred)  # same path up to the last step
+    torch.testing.assert_close(x_off, (last_off.x0_pred + 1) / 2)  # official: the last prediction
+    expected = op.prox((last_on.x0_pred + 1) / 2, y, last_on.rho)
+    torch.testing.assert_close(x_on, expected)
+    known = mask.expand_as(u).bool()
+    # known pixels kept up to rho / (1 + rho) of the gap (rho ~ 0.01 at t = 0 for sigma_n = 0)
+    assert (x_on - u)[known].abs().max() < 0.01 < 0.05 < (x_off - u)[known].abs().max()
+
+
 def test_bad_input_is_refused_with_a_clear_message(sched, prior, deblur_problem):
     _, y, op, _, _ = deblur_problem
     sampler = DiffPIR(sched, steps=5)

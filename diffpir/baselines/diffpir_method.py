@@ -19,7 +19,8 @@ class DiffPIRMethod(Method):
     schedule (rebuilt when a prior with another schedule comes in).
 
     Args: those of :class:`~diffpir.sampler.DiffPIR` (``steps``, ``lambda_``, ``zeta``, ``skip``, ``t_start``,
-    ``eta``, ``guidance_scale``, ``clip_denoised``, ``init``), or ``sampler=`` an existing sampler to wrap.
+    ``eta``, ``guidance_scale``, ``clip_denoised``, ``init``, ``final_data_step``), or ``sampler=`` an existing
+    sampler to wrap.
     """
 
     name = "diffpir"
@@ -35,6 +36,7 @@ class DiffPIRMethod(Method):
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
         init: Literal["auto", "noise", "measurement", "classical"] = "auto",
+        final_data_step: bool = False,
         sampler: DiffPIR | None = None,
     ):
         self.kwargs: dict[str, Any] = {
@@ -47,6 +49,7 @@ class DiffPIRMethod(Method):
             "guidance_scale": guidance_scale,
             "clip_denoised": clip_denoised,
             "init": init,
+            "final_data_step": final_data_step,
         }
         if sampler is not None:
             self.kwargs.update(
@@ -59,6 +62,7 @@ class DiffPIRMethod(Method):
                 guidance_scale=sampler.guidance_scale,
                 clip_denoised=sampler.clip_denoised,
                 init=sampler.init,
+                final_data_step=sampler.final_data_step,
             )
         # Validate now, on the default schedule, unless a sampler was given.
         self.sampler = sampler if sampler is not None else DiffPIR(NoiseSchedule.linear(), **self.kwargs)

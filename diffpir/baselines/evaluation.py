@@ -60,7 +60,18 @@ def method_defaults(name: str, config: dict[str, Any], nfe: int | None = None) -
     model = dict(config.get("model") or {})
     family = Degradation(**(config.get("data", {}).get("degradation") or {})).family
     if name == "diffpir":
-        keys = ("steps", "lambda_", "zeta", "skip", "t_start", "eta", "guidance_scale", "clip_denoised", "init")
+        keys = (
+            "steps",
+            "lambda_",
+            "zeta",
+            "skip",
+            "t_start",
+            "eta",
+            "guidance_scale",
+            "clip_denoised",
+            "init",
+            "final_data_step",
+        )
         out = {k: model[k] for k in keys if model.get(k) is not None}
         if nfe is not None:
             out["steps"] = nfe

@@ -62,7 +62,7 @@ class RestorationModule(L.LightningModule):
         prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
             :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
-        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init: the sampler's
+        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, final_data_step: the sampler's
             hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only ``steps`` is
             passed on (to the methods that take it: ``dps``, ``ddnm``).
         method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
@@ -98,6 +98,7 @@ class RestorationModule(L.LightningModule):
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
         init: Literal["auto", "noise", "measurement", "classical"] = "auto",
+        final_data_step: bool = False,
         prior_precision: PriorPrecision = "32",
         seed: int = 0,
         lpips: bool | None = None,
@@ -137,6 +138,7 @@ class RestorationModule(L.LightningModule):
                 "guidance_scale": guidance_scale,
                 "clip_denoised": clip_denoised,
                 "init": init,
+                "final_data_step": final_data_step,
                 **method_args,
             }
             self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **sampler_args)
