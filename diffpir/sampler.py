@@ -94,14 +94,13 @@ class DiffPIR:
         init: ``"noise"`` starts from pure noise at ``t_start``; ``"measurement"`` diffuses
             ``op.initial_estimate(y)`` to ``t_start`` as the official code does: as ``x`` at ``t_y``, the timestep
             whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise ``y`` already has), adding only the missing
-            noise; ``"classical"`` diffuses the
-            classical baseline's restoration (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic
-            fill, bicubic upsampling or SURE smoothing, by operator; a better start than ``y`` itself, so a lower
-            ``t_start`` does). ``"auto"`` (default) uses ``"measurement"`` when ``t_start < T - 1`` and
-            ``"noise"`` otherwise.
+            noise; ``"classical"`` diffuses the classical baseline's restoration
+            (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic fill, bicubic upsampling or SURE
+            smoothing, by operator), a better start than ``y`` itself that suits a lower ``t_start``. ``"auto"``
+            (default) uses ``"measurement"`` when ``t_start < T - 1`` and ``"noise"`` otherwise.
         final_data_step: also take the data step on the last step and return its ``x0_hat``, as Algorithm 1 of the
             paper writes it (the official code returns the last ``x0_pred``). For noiseless inpainting it keeps the
-            known pixels exact.
+            known pixels to within ``rho / (1 + rho)`` (about 1%) of their gap to the prediction.
     """
 
     def __init__(
