@@ -35,7 +35,8 @@ TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_ra
 # validation photos (data/natural/val, apart from the sample photos; docs/benchmarks.md has the sweep): start from
 # the classical baseline's restoration diffused to t_start (paper Fig. 7: a late start loses little and saves NFEs)
 # and re-noise with fresh noise only (zeta = 1); 10 NFEs (``--steps``) unless a task sets its own ("steps": random
-# inpainting needs more to beat the harmonic fill). The configs keep the official settings for the paper's protocol.
+# inpainting needs more to beat the harmonic fill); inpainting also takes the data step on the last step (Algorithm
+# 1 of the paper), keeping the known pixels. The configs keep the official settings for the paper's protocol.
 FAST: dict[str, dict[str, object]] = {
     "deblur_gaussian": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
     "deblur_motion": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
