@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -138,6 +138,24 @@ class DiffPIR:
         self.final_data_step = bool(final_data_step)
         # Validates steps / skip / t_start once, at construction.
         self.timesteps = schedule.timesteps(steps, skip, self.t_start)
+
+    # The hyper-parameters, in signature order: what config() returns and what wrappers and configs pass on.
+    PARAMS = (
+        "steps",
+        "lambda_",
+        "zeta",
+        "skip",
+        "t_start",
+        "eta",
+        "guidance_scale",
+        "clip_denoised",
+        "init",
+        "final_data_step",
+    )
+
+    def config(self) -> dict[str, Any]:
+        """The hyper-parameters (:attr:`PARAMS`) as given to the constructor (``t_start`` resolved)."""
+        return {k: getattr(self, k) for k in self.PARAMS}
 
     def initial_estimate(self, y: Tensor, op: DataOperator, sigma_n: float) -> Tensor:
         """The image-shaped start in [0, 1] that ``init`` diffuses to ``t_start``: ``op.initial_estimate(y)``, or

@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_LAMBDAS", "DEFAULT_ZETAS", "TuneResult", "evaluate", "load_b
 
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(f"{v:.3g}") for v in np.logspace(0, math.log10(50), 8))
 DEFAULT_ZETAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-SAMPLER_KEYS = ("steps", "skip", "t_start", "eta", "guidance_scale", "clip_denoised", "init", "final_data_step")
+SAMPLER_KEYS = tuple(k for k in DiffPIR.PARAMS if k not in ("lambda_", "zeta"))  # the rest is tuned
 Objective = Literal["psnr", "lpips"]
 
 

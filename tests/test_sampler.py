@@ -237,3 +237,17 @@ def test_bad_input_is_refused_with_a_clear_message(sched, prior, deblur_problem)
         sampler(y[:2], op, prior, generator=[torch.Generator()])
     with pytest.raises(ValueError, match="zeta"):
         DiffPIR(sched, zeta=1.5)
+
+
+def test_params_are_the_constructor_and_round_trip_through_the_wrappers(sched):
+    import inspect
+
+    from diffpir.baselines import DiffPIRMethod
+    from diffpir.restoration import RestorationModule
+
+    assert tuple(inspect.signature(DiffPIR).parameters)[1:] == DiffPIR.PARAMS
+    for wrapper in (DiffPIRMethod, RestorationModule):
+        assert set(DiffPIR.PARAMS) <= set(inspect.signature(wrapper).parameters), wrapper
+    sampler = DiffPIR(sched, steps=7, lambda_=3.0, zeta=0.9, t_start=500, init="classical", final_data_step=True)
+    assert DiffPIR(sched, **sampler.config()).config() == sampler.config()
+    assert DiffPIRMethod(sampler=sampler).config() == sampler.config() != DiffPIR(sched).config()

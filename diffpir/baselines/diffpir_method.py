@@ -52,18 +52,7 @@ class DiffPIRMethod(Method):
             "final_data_step": final_data_step,
         }
         if sampler is not None:
-            self.kwargs.update(
-                steps=sampler.steps,
-                lambda_=sampler.lambda_,
-                zeta=sampler.zeta,
-                skip=sampler.skip,
-                t_start=sampler.t_start,
-                eta=sampler.eta,
-                guidance_scale=sampler.guidance_scale,
-                clip_denoised=sampler.clip_denoised,
-                init=sampler.init,
-                final_data_step=sampler.final_data_step,
-            )
+            self.kwargs = sampler.config()
         # Validate now, on the default schedule, unless a sampler was given.
         self.sampler = sampler if sampler is not None else DiffPIR(NoiseSchedule.linear(), **self.kwargs)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from diffpir.baselines.base import Method
 from diffpir.restoration.data import RestorationBatch
+from diffpir.sampler import DiffPIR
 
 __all__ = [
     "CONFIG_DIR",
@@ -60,19 +61,7 @@ def method_defaults(name: str, config: dict[str, Any], nfe: int | None = None) -
     model = dict(config.get("model") or {})
     family = Degradation(**(config.get("data", {}).get("degradation") or {})).family
     if name == "diffpir":
-        keys = (
-            "steps",
-            "lambda_",
-            "zeta",
-            "skip",
-            "t_start",
-            "eta",
-            "guidance_scale",
-            "clip_denoised",
-            "init",
-            "final_data_step",
-        )
-        out = {k: model[k] for k in keys if model.get(k) is not None}
+        out = {k: model[k] for k in DiffPIR.PARAMS if model.get(k) is not None}
         if nfe is not None:
             out["steps"] = nfe
         return out
