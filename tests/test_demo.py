@@ -40,4 +40,5 @@ def test_demo_explains_a_missing_prior(tmp_path, capsys):
 def test_demo_steps_per_task():
     assert demo_steps("deblur_gaussian") == DEFAULT_STEPS == 10
     assert demo_steps("inpaint_random") == FAST["inpaint_random"]["steps"] == 40
+    assert demo_steps("inpaint_box") == FAST["inpaint_box"]["steps"] == 5
     assert demo_steps("inpaint_random", 3) == demo_steps("denoise", 3) == 3
