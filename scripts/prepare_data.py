@@ -1,8 +1,9 @@
 """Prepare the offline datasets: ``python scripts/prepare_data.py {digits,natural,eval,all} [--out data]``.
 
 A thin command line over :mod:`diffpir.datasets`; each step is idempotent and can be rerun. ``all`` runs
-digits, natural and eval in that order. ``samples`` (not part of ``all``) rewrites the committed demo
-photographs in ``diffpir/assets/samples/`` (a maintainer's step; ``--out`` does not apply to it).
+digits, natural and eval in that order. ``samples`` (not part of ``all``) writes the committed demo
+photographs in ``diffpir/assets/samples/`` that are missing or invalid (a maintainer's step; delete one to regenerate
+it; ``--out`` does not apply to it). No argument means ``all``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,27 @@ STEPS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    choices = [*STEPS, "all", "samples"]
+    # no argparse ``choices`` here: with nargs="*" it checks the default list as one value and rejects it
     parser.add_argument(
         "what",
         nargs="*",
-        default=["all"],
-        choices=[*STEPS, "all", "samples"],
+        metavar="{" + ",".join(choices) + "}",
         help="datasets to prepare (default: all = digits, natural, eval)",
     )
     parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data/)")
     args = parser.parse_args(argv)
-    names = list(STEPS) if "all" in args.what else [n for n in STEPS if n in args.what]
+    what = args.what or ["all"]
+    unknown = [w for w in what if w not in choices]
+    if unknown:
+        parser.error(f"unknown dataset {unknown[0]!r}: choose from {', '.join(choices)}")
+    names = list(STEPS) if "all" in what else [n for n in STEPS if n in what]
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name} -> {args.out / name}", flush=True)
         STEPS[name](args.out)
         print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    if "samples" in args.what:
+    if "samples" in what:
         datasets.prepare_samples()
     return 0
 

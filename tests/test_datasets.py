@@ -104,6 +104,15 @@ def test_cli_dispatches_to_steps(tmp_path, monkeypatch):
         monkeypatch.setitem(cli.STEPS, name, lambda out, name=name: calls.append((name, out)))
     assert cli.main(["all", "--out", str(tmp_path)]) == 0
     assert calls == [("digits", tmp_path), ("natural", tmp_path), ("eval", tmp_path)]
+    calls.clear()
+    assert cli.main(["--out", str(tmp_path)]) == 0  # no argument: all
+    assert calls == [("digits", tmp_path), ("natural", tmp_path), ("eval", tmp_path)]
+    calls.clear()
+    assert cli.main(["eval", "digits", "--out", str(tmp_path)]) == 0  # STEPS order, not argument order
+    assert calls == [("digits", tmp_path), ("eval", tmp_path)]
+    with pytest.raises(SystemExit):
+        cli.main(["photos"])
+    assert calls == [("digits", tmp_path), ("eval", tmp_path)]
 
 
 # ---------------------------------------------------------------------------------------------------------
