@@ -287,7 +287,9 @@ MATE_PHOTOS = (
 )  # fmt: skip
 
 NATURAL_SOURCES = (
-    DebSource("opencv-doc", "usr/share/doc/opencv-doc/examples/data", OPENCV_PHOTOS, "opencv", "Apache-2.0 / BSD"),
+    DebSource(
+        "opencv-doc", "usr/share/doc/opencv-doc/examples/data", OPENCV_PHOTOS, "opencv", "Apache-2.0 AND BSD-3-Clause"
+    ),
     DebSource("mate-backgrounds", "usr/share/backgrounds/mate/nature", MATE_PHOTOS, "mate", "GPL-2+"),
 )
 # Held out for validation (never in train): one object photo, one street scene, one nature photograph.
@@ -420,10 +422,12 @@ def prepare_natural(
         return old
 
     files: list[dict] = []
+    debs: dict[str, dict] = dict((old or {}).get("debs") or {})  # the .deb each source was last read from
     for src in sources:
         todo = [n for n in src.keep if not _png_ok(target(src, n))]
         if todo:
             deb = fetch_deb(src.package, cache, log)
+            debs[src.package] = {"file": deb.name, "sha256": hashlib.sha256(deb.read_bytes()).hexdigest()}
             log(f"natural: reading {len(todo)} photographs from {deb.name}")
             for name, data in iter_deb_files(deb, src.folder, todo):
                 with Image.open(io.BytesIO(data)) as im:
@@ -444,7 +448,7 @@ def prepare_natural(
                 }
             )
     counts = {s: sum(f["file"].startswith(f"{s}/") for f in files) for s in ("train", "val")}
-    manifest = {"dataset": "natural", "config": config, "counts": counts, "files": files}
+    manifest = {"dataset": "natural", "config": config, "counts": counts, "debs": debs, "files": files}
     _write_manifest(root, manifest)
     log(f"natural: {counts['train']} train + {counts['val']} val photographs in {root}")
     return manifest

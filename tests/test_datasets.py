@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -166,6 +167,10 @@ def test_prepare_natural_from_cached_debs(tmp_path):
     manifest = prepare_natural(tmp_path / "out", **kwargs)
     root = tmp_path / "out" / "natural"
     assert manifest["counts"] == {"train": 1, "val": 1}
+    deb_bytes = (cache / "fake-pics_1.0_all.deb").read_bytes()
+    assert manifest["debs"] == {  # which package version the photos came from
+        "fake-pics": {"file": "fake-pics_1.0_all.deb", "sha256": hashlib.sha256(deb_bytes).hexdigest()}
+    }
     with Image.open(root / "train" / "fake_big.png") as im:
         assert im.size == (450, 350) and im.mode == "RGB"  # short side downscaled to 350
     with Image.open(root / "val" / "fake_small.png") as im:
