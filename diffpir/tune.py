@@ -6,7 +6,7 @@ grid point restoring the same measurements with the same sampler noise (common r
 as in ``diffpir-restore``), and writes the task's restoration config with the chosen values::
 
     python -m diffpir.tune --config configs/restore/deblur_gaussian.yaml --prior natural \\
-        --images data/val --limit 4 --crop 128 --steps 20 --out configs/restore/deblur_gaussian_tuned.yaml
+        --images data/natural/val --limit 4 --crop 128 --steps 20 --out configs/restore/deblur_gaussian_tuned.yaml
     diffpir-restore predict --config configs/restore/deblur_gaussian_tuned.yaml
 
 Search: ``grid`` (every ``lambda`` x ``zeta``) or ``coordinate`` (default: from the config's values snapped to the

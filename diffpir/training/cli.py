@@ -51,6 +51,14 @@ class DiffpirCLI(LightningCLI):
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> DiffpirCLI:
     """The LightningCLI object (``run=False``: parse and instantiate only; then call ``cli.trainer.fit``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault(
+        "parser_kwargs",
+        {
+            "description": "Train a DDPM prior (fit, validate) with Lightning. One more subcommand, handled before "
+            "this parser: `diffpir-train export --ckpt CKPT --out FILE.safetensors [--fp16]` writes a checkpoint's "
+            "EMA weights as a prior file (see `diffpir-train export --help`)."
+        },
+    )
     return DiffpirCLI(
         DiffusionModule,
         ImageFolderDataModule,
