@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU machine: continue the bundled `natural` prior for MINUTES minutes of training
+# (configs/train/natural_gpu.yaml: bf16, batch 256, from diffpir/assets/priors/natural.safetensors) and export the
+# EMA weights to $OUT/natural.safetensors, with the training log beside it.
+#
+#   bash scripts/gpu_train_natural.sh                       # any CUDA machine with torch and lightning
+#   MINUTES=1 bash scripts/gpu_train_natural.sh --trainer.accelerator cpu --trainer.precision 32-true \
+#       --data.batch_size 8 --data.num_workers 0          # a dry run of the script on a CPU
+#
+# With this workplace's `device` tool: carry ["data/natural", ".whl"]. data/natural comes from
+# `python scripts/prepare_data.py natural` (19 MB). The GPU image has no jsonargparse (LightningCLI needs it): put
+# its wheels in .whl/ first (`pip download --no-deps -d .whl jsonargparse docstring-parser typeshed-client`,
+# with `echo /.whl/ >> .git/info/exclude`). Extra arguments go to `diffpir-train fit`. Then copy the returned file
+# to diffpir/assets/priors/natural.safetensors, and rerun bench/prior_quality.py and `make demo` here.
+set -euo pipefail
+MINUTES=${MINUTES:-8}
+OUT=${OUT:-runs/natural_gpu/out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+(nvidia-smi -L || true) | tee "$OUT/train.log"
+rm -f runs/natural_gpu/checkpoints/last.ckpt  # a fresh run from the bundled weights, never a stale checkpoint
+"$PY" -m diffpir.training.cli fit --config configs/train/natural_gpu.yaml \
+  --trainer.max_time "00:00:$(printf %02d "$MINUTES"):00" "$@" 2>&1 | tee -a "$OUT/train.log"
+"$PY" -m diffpir.training.cli export --ckpt runs/natural_gpu/checkpoints/last.ckpt \
+  --out "$OUT/natural.safetensors" --fp16 | tee -a "$OUT/train.log"
