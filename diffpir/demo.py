@@ -14,7 +14,7 @@ upsampling, harmonic fill, ...) when that method is available. It writes, under 
 
 NFEs are cut from the paper's 100 to 10 per image (5 for box inpainting, 40 for random inpainting), and every
 task starts from its classical baseline's restoration diffused to a per-task t_start (``FAST``; paper Fig. 7) rather
-than from pure noise, so that the whole demo takes about six minutes on two CPU cores. Reruns skip images already
+than from pure noise, so that the whole demo takes about eight minutes on two CPU cores. Reruns skip images already
 restored.
 """
 
