@@ -23,7 +23,6 @@ Writes ``ablation_<which>_<task>.csv`` and ``.png`` into ``--out-dir`` (default 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffpir.baselines import build_method  # noqa: E402
-from diffpir.baselines.evaluation import Metrics, load_batches, mean_rows, method_defaults, run_method, task_config  # noqa: E402
+from diffpir.baselines.evaluation import (  # noqa: E402
+    Metrics,
+    load_batches,
+    mean_rows,
+    method_defaults,
+    run_method,
+    task_config,
+    write_csv,
+)
 
 ALL = ("nfe", "tstart", "lambda_zeta")
 
@@ -68,11 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print(f"wrote {path}")
 
 

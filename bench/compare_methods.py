@@ -50,6 +50,7 @@ from diffpir.baselines.evaluation import (  # noqa: E402
     method_defaults,
     run_method,
     task_config,
+    write_csv,
 )
 
 PAPER_TASKS = ["deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise"]
@@ -150,14 +151,6 @@ def _read_csv(path: Path) -> list[dict]:
         return [{k: parse(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
 
 
-def _write_csv(path: Path, table: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in table for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(table)
-
-
 def merge(parts: list[Path], out: Path, args: argparse.Namespace) -> list[dict]:
     """Merge runs split over processes or machines (e.g. tasks in parallel, the slow DPS-1000 apart) into one
     table: rows ordered by task (paper order first), then method and NFE as they appear."""
@@ -175,8 +168,8 @@ def merge(parts: list[Path], out: Path, args: argparse.Namespace) -> list[dict]:
         notes.append(f"Rows average different image counts ({', '.join(map(str, counts))}): see the images column of "
                      f"{out.with_suffix('.csv').name} and the per-image rows of {out.name}_images.csv.")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_csv(out.with_suffix(".csv"), summary)
-    _write_csv(Path(f"{out}_images.csv"), per_image)
+    write_csv(out.with_suffix(".csv"), summary)
+    write_csv(Path(f"{out}_images.csv"), per_image)
     header = {
         "prior": args.prior,
         "images": "/".join(map(str, counts)),
@@ -265,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, table in ((args.out.with_suffix(".csv"), summary), (Path(f"{args.out}_images.csv"), per_image)):
-        _write_csv(path, table)
+        write_csv(path, table)
     header = {
         "prior": args.prior,
         "images": n_img,

@@ -8,6 +8,7 @@ and images have at least 32 px; FID and KID only over enough images to mean some
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import math
 import resource
@@ -27,6 +28,7 @@ from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR
 
 __all__ = [
+    "write_csv",
     "CONFIG_DIR",
     "Metrics",
     "PeakMemory",
@@ -319,3 +321,12 @@ def mean_rows(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, 
         vals = [float(r[k]) for r in rows if k in r and r[k] is not None and not math.isnan(float(r[k]))]
         out[k] = float(np.mean(vals)) if vals else float("nan")
     return out
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` as a CSV table; the columns are every key of any row, in first-seen order."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
