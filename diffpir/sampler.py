@@ -10,11 +10,15 @@ the eps-model sees ``x_t`` on the network's [-1, 1] scale. The data step runs on
 The penalty of the data step is the official code's ``rho_t = lambda * sigma^2 / sigma_bar_t^2`` with
 ``sigma = max(sigma_n, 0.001)`` on the [0, 1] scale and ``sigma_bar_t`` on the [-1, 1] scale, for the objective
 ``||y - H x||^2 + rho_t ||x - x0_pred||^2`` (deepinv's ``gamma = 1 / (2 rho_t)`` differs by a factor 2).
+
+The official scripts (``main_ddpir_deblur.py``, ``main_ddpir_sisr.py``, ``main_ddpir_inpainting.py`` of
+yuanzhi-zhu/DiffPIR) are reproduced by ``init="official"`` and ``output="iterate"`` (see :class:`DiffPIR`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -75,7 +79,27 @@ def randn(shape: torch.Size | Sequence[int], generator: GeneratorArg, like: Tens
     ).to(like.device)
 
 
-INITS = ("auto", "noise", "measurement", "classical")
+INITS = ("auto", "noise", "measurement", "classical", "official")
+OUTPUTS = ("x0_pred", "x0_hat", "iterate")
+# Below this many steps a start from pure noise (t_start = T - 1) is far from converged (docs/restoration.md).
+FEW_STEPS = 20
+
+
+def official_start(op: DataOperator, y: Tensor) -> tuple[Tensor, bool]:
+    """The official scripts' image-shaped start ``[N, C, H, W]`` (in [0, 1] units, not clamped) and whether it
+    carries ``y``'s noise (then it is diffused from ``t_y``, else treated as clean): ``op.official_start(y)``, or
+    for an operator without one its :meth:`initial_estimate` as a noisy start."""
+    fn = getattr(op, "official_start", None)
+    if fn is not None:
+        return fn(y)
+    return op.initial_estimate(y), True
+
+
+def select_image(op: DataOperator, index: int) -> DataOperator:
+    """The operator of image ``index`` alone (``op.select(index)``; an operator without ``select`` is taken to
+    share its parameters across the batch)."""
+    fn = getattr(op, "select", None)
+    return fn(index) if fn is not None else op
 
 
 class DiffPIR:
@@ -92,15 +116,29 @@ class DiffPIR:
         guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (official ``guidance_scale``; 1 = plain).
         clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
         init: ``"noise"`` starts from pure noise at ``t_start``; ``"measurement"`` diffuses
-            ``op.initial_estimate(y)`` to ``t_start`` as the official code does: as ``x`` at ``t_y``, the timestep
-            whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise ``y`` already has), adding only the missing
-            noise; ``"classical"`` diffuses the classical baseline's restoration
-            (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic fill, bicubic upsampling or SURE
-            smoothing, by operator), a better start than ``y`` itself that suits a lower ``t_start``. ``"auto"``
+            ``op.initial_estimate(y)`` (clamped to [0, 1]: ``y``, the bicubic upsampling, the mean-filled image) to
+            ``t_start`` as ``x`` at ``t_y``, the timestep whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise
+            ``y`` already has), adding only the missing noise; ``"classical"`` diffuses the classical baseline's
+            restoration (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic fill, bicubic
+            upsampling or SURE smoothing, by operator), a better start than ``y`` itself that suits a lower
+            ``t_start`` (the fast recipe, ``configs/restore/*_fast.yaml``); ``"official"`` starts as the official
+            scripts do, at any ``t_start`` including ``T - 1``: ``y`` unclamped from ``t_y`` (deblurring,
+            denoising), ``y`` with the missing pixels at 0 from ``t_y`` (inpainting), the unclamped bicubic
+            upsampling of ``y`` as a clean image (super-resolution; see ``op.official_start``). ``"auto"``
             (default) uses ``"measurement"`` when ``t_start < T - 1`` and ``"noise"`` otherwise.
-        final_data_step: also take the data step on the last step and return its ``x0_hat``, as Algorithm 1 of the
-            paper writes it (the official code returns the last ``x0_pred``). For noiseless inpainting it keeps the
-            known pixels to within ``rho / (1 + rho)`` (about 1%) of their gap to the prediction.
+        output: what the last step returns. The last step always evaluates the prior and never re-noises.
+            ``"x0_pred"`` (default): the prior's last prediction, without a data step. ``"x0_hat"``: the last
+            prediction after a data step too, as Algorithm 1 of the paper writes it (for noiseless inpainting it
+            keeps the known pixels to within ``rho / (1 + rho)``, about 1%, of their gap to the prediction).
+            ``"iterate"``: the last iterate ``x_t`` itself (``t`` the last timestep, 0 by default), as the official
+            scripts save it (their ``x = x0`` line is commented out); it keeps the noise of ``sigma_bar_t``
+            (0.005 on the [0, 1] scale at ``t = 0``).
+        batch_invariant: run every image on its own, in lockstep (the prior, the data step and the noise of
+            image ``i`` see exactly the tensors they would see if it were restored alone), so that with one
+            generator per image the result is bitwise the one of the image alone, whatever batch it is in. Off
+            (default), the batch runs together and an image's result equals its result alone to round-off only:
+            the prior's convolutions may round differently for different batch sizes (oneDNN on AVX2, cuDNN);
+            docs/reliability.md gives the measured size of that difference.
     """
 
     def __init__(
@@ -114,8 +152,9 @@ class DiffPIR:
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
-        final_data_step: bool = False,
+        init: Literal["auto", "noise", "measurement", "classical", "official"] = "auto",
+        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
+        batch_invariant: bool = False,
     ):
         if not 0.0 <= zeta <= 1.0:
             raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
@@ -125,6 +164,8 @@ class DiffPIR:
             raise ValueError(f"lambda_ must be a positive number, got {lambda_}")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
         self.schedule = schedule
         self.steps = steps
         self.lambda_ = float(lambda_)
@@ -135,9 +176,11 @@ class DiffPIR:
         self.guidance_scale = float(guidance_scale)
         self.clip_denoised = clip_denoised
         self.init = init
-        self.final_data_step = bool(final_data_step)
+        self.output = output
+        self.batch_invariant = bool(batch_invariant)
         # Validates steps / skip / t_start once, at construction.
         self.timesteps = schedule.timesteps(steps, skip, self.t_start)
+        self._check_step_count()
 
     # The hyper-parameters, in signature order: what config() returns and what wrappers and configs pass on.
     PARAMS = (
@@ -150,8 +193,32 @@ class DiffPIR:
         "guidance_scale",
         "clip_denoised",
         "init",
-        "final_data_step",
+        "output",
+        "batch_invariant",
     )
+
+    def _check_step_count(self) -> None:
+        """Refuse one step from pure noise; warn, with the fix, when few steps start from pure noise."""
+        if self.t_start < self.schedule.T - 1:
+            return
+        fast = (
+            "configs/restore/<task>_fast.yaml, or a late start from the classical restoration: "
+            "init='classical', t_start=400 (200 for denoising and inpainting), zeta=1.0 "
+            "(--model.init classical --model.t_start 400 --model.zeta 1.0)"
+        )
+        if len(self.timesteps) < 2:
+            raise ValueError(
+                f"steps={self.steps} from t_start={self.t_start} evaluates the prior once, on pure noise, and returns "
+                f"that single guess: use steps >= {FEW_STEPS} (the paper: 100), or for a few steps {fast}"
+            )
+        if self.steps < FEW_STEPS:
+            warnings.warn(
+                f"DiffPIR with steps={self.steps} from pure noise (t_start={self.t_start}) is far from converged and "
+                f"can come out worse than the measurement: use steps >= {FEW_STEPS} (the paper: 100), or for a few "
+                f"steps {fast}",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def config(self) -> dict[str, Any]:
         """The hyper-parameters (:attr:`PARAMS`) as given to the constructor (``t_start`` resolved)."""
@@ -170,7 +237,7 @@ class DiffPIR:
         return (
             f"DiffPIR(steps={self.steps}, lambda_={self.lambda_}, zeta={self.zeta}, skip={self.skip!r}, "
             f"t_start={self.t_start}, eta={self.eta}, guidance_scale={self.guidance_scale}, init={self.init!r}, "
-            f"final_data_step={self.final_data_step})"
+            f"output={self.output!r}, batch_invariant={self.batch_invariant})"
         )
 
     @property
@@ -179,7 +246,7 @@ class DiffPIR:
         return len(self.timesteps)
 
     def rhos(self, sigma_n: float) -> list[float]:
-        """The data-step penalty ``rho_t`` of each step (the last one is used only with ``final_data_step``)."""
+        """The data-step penalty ``rho_t`` of each step (the last one is used only with ``output="x0_hat"``)."""
         sigma = max(float(sigma_n), 0.001)
         sb = self.schedule.host("sigma_bar")
         return [self.lambda_ * sigma**2 / float(sb[t]) ** 2 for t in self.timesteps]
@@ -199,13 +266,15 @@ class DiffPIR:
 
         Args:
             y: measurement ``[N, C, h, w]`` in [0, 1] (as ``op`` produces it).
-            op: the degradation, with ``prox_fn``, ``x_shape``, ``check`` and ``initial_estimate``.
+            op: the degradation, with ``prox_fn``, ``x_shape``, ``check`` and ``initial_estimate`` (and, for
+                ``init="official"`` and ``batch_invariant``, ``official_start`` and ``select``).
             eps_model: ``eps_model(x_t, t)``, x_t ``[N, C, H, W]`` in [-1, 1], t int64 ``[N]`` -> eps.
             sigma_n: measurement noise std on the [0, 1] scale.
-            generator: a ``torch.Generator`` for the whole batch, or a list with one per image (then each image
-                restores exactly as it would alone).
-            callback: called after each step with a :class:`StepState`.
-            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing ``op.initial_estimate(y)``.
+            generator: a ``torch.Generator`` for the whole batch, or a list with one per image (then each image's
+                noise does not depend on the batch: its result equals its result alone bitwise with
+                ``batch_invariant``, to round-off without).
+            callback: called after each step with a :class:`StepState` of the whole batch.
+            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing the ``init`` estimate.
         Returns:
             the restored images ``[N, C, H, W]`` in [0, 1] (not clamped beyond the prior's own clipping).
         """
@@ -216,69 +285,120 @@ class DiffPIR:
         if not math.isfinite(sigma_n) or sigma_n < 0:
             raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
         op.check(y)  # shapes, channels, batch, non-finite values
+        n = y.shape[0]
+        if x_init is not None and x_init.shape != op.x_shape(y.shape):
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(op.x_shape(y.shape))}")
+        if self.batch_invariant and n > 1:
+            # Each image alone: its own (contiguous, freshly allocated) tensors, operator and generator.
+            per_gen = isinstance(generator, Sequence) and not isinstance(generator, torch.Generator)
+            if per_gen and len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for a batch of {n} images: pass one per image")
+            parts = [
+                (
+                    y[i : i + 1].clone(),
+                    select_image(op, i),
+                    [generator[i]] if per_gen else generator,
+                    None if x_init is None else x_init[i : i + 1].clone(),
+                )
+                for i in range(n)
+            ]
+        else:
+            parts = [(y, op, generator, x_init)]
+
         sched = self.schedule
         sa, s1a = sched.host("sqrt_alphas_cumprod"), sched.host("sqrt_one_minus_alphas_cumprod")
         betas = sched.host("betas")
         ts, rhos = self.timesteps, self.rhos(sigma_n)
-        n = y.shape[0]
-        x_shape = op.x_shape(y.shape)
-
-        # 3. Start: pure noise at t_start, or the measurement's estimate diffused to t_start.
-        t0 = ts[0]
-        noise = randn(x_shape, generator, y)
-        init = self.init if self.init != "auto" else ("measurement" if t0 < sched.T - 1 else "noise")
-        if init != "noise" or x_init is not None:
-            est = x_init if x_init is not None else self.initial_estimate(y, op, sigma_n)
-            if est.shape != x_shape:
-                raise ValueError(f"x_init has shape {tuple(est.shape)}, expected {tuple(x_shape)}")
-            if init == "measurement" and x_init is None:
-                # The official start: y already carries noise of std 2 sigma_n (network scale), so it stands for
-                # x at t_y (sigma_bar[t_y] ~ 2 sigma_n) and is diffused from t_y to t_start with the missing noise.
-                t_y = int(sched.timestep_for_sigma(2 * float(sigma_n)))
-                ratio = float(sa[t0]) / float(sa[t_y])
-                std = math.sqrt(max(float(s1a[t0]) ** 2 - ratio**2 * float(s1a[t_y]) ** 2, 0.0))
-                x = ratio * (2 * est - 1) + std * noise
-            else:
-                x = float(sa[t0]) * (2 * est - 1) + float(s1a[t0]) * noise
-        else:
-            x = noise
-
-        prox = op.prox_fn(y)  # y-only work (e.g. conj(K) F(y)) done once
+        xs = [self._start(yp, opp, sigma_n, gp, xp) for yp, opp, gp, xp in parts]
+        proxes = [opp.prox_fn(yp) for yp, opp, _, _ in parts]  # y-only work (e.g. conj(K) F(y)) done once
+        final_prox = self.output == "x0_hat"
         for i, t in enumerate(ts):
             last = i == len(ts) - 1
             a_t, s_t = float(sa[t]), float(s1a[t])
-            t_batch = torch.full((n,), t, device=y.device, dtype=torch.long)
-            # 4a. Prior step (eq. 12a): x0 from the predicted noise.
-            eps = eps_model(x, t_batch).to(x.dtype)
-            x0_pred = torch.sub(x, eps, alpha=s_t).div_(a_t)
-            if self.clip_denoised:
-                x0_pred.clamp_(-1.0, 1.0)
-            # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step (official code) unless
-            # final_data_step (Algorithm 1 of the paper).
-            if last and not self.final_data_step:
-                x0_hat = x0_pred
-            else:
-                x0_hat = prox(x0_pred.add(1.0).mul_(0.5), rhos[i]).mul(2.0).sub_(1.0)
-                if self.guidance_scale != 1.0:
-                    x0_hat = torch.lerp(x0_pred, x0_hat, self.guidance_scale)
+            states = []
+            for j, ((yp, _, gp, _), prox) in enumerate(zip(parts, proxes, strict=True)):
+                x = xs[j]
+                t_batch = torch.full((x.shape[0],), t, device=y.device, dtype=torch.long)
+                # 4a. Prior step (eq. 12a): x0 from the predicted noise (clipped as the official code does).
+                eps = eps_model(x, t_batch).to(x.dtype)
+                x0_pred = torch.sub(x, eps, alpha=s_t).div_(a_t)
+                if self.clip_denoised:
+                    x0_pred.clamp_(-1.0, 1.0)
+                # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step (official code) unless
+                # output="x0_hat" (Algorithm 1 of the paper).
+                if last and not final_prox:
+                    x0_hat = x0_pred
+                else:
+                    x0_hat = prox(x0_pred.add(1.0).mul_(0.5), rhos[i]).mul(2.0).sub_(1.0)
+                    if self.guidance_scale != 1.0:
+                        x0_hat = torch.lerp(x0_pred, x0_hat, self.guidance_scale)
+                states.append((x, x0_pred, x0_hat))
+                if last:
+                    if self.output != "iterate":  # "iterate": x stays the last iterate (the official scripts)
+                        xs[j] = x0_hat
+                    continue
+                xs[j] = self._renoise(x, x0_hat, a_t, s_t, t, ts[i + 1], gp, yp, sa, s1a, betas)
             if callback is not None:
-                callback(StepState(i, t, None if last else ts[i + 1], rhos[i], x, x0_pred, x0_hat))
-            if last:
-                x = x0_hat
-                break
-            # 4c. eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t), the noise x0_hat implies; 4d. re-noise:
-            # x' = sqrt(ab') x0_hat + sqrt(1 - zeta) (d eps_hat + eta_sigma z1) + sqrt(zeta) sqrt(1 - ab') z2,
-            # with d = sqrt(1 - ab' - eta_sigma^2), folded into x' = c x_t + (sqrt(ab') - c sqrt(ab_t)) x0_hat + ...
-            t_next = ts[i + 1]
-            s_next = float(s1a[t_next])
-            eta_sigma = self.eta * s_next / s_t * math.sqrt(float(betas[t]))
-            c = math.sqrt(1 - self.zeta) * math.sqrt(max(s_next**2 - eta_sigma**2, 0.0)) / s_t
-            x = torch.mul(x, c).add_(x0_hat, alpha=float(sa[t_next]) - c * a_t)
-            if eta_sigma > 0:
-                x.add_(randn(x_shape, generator, y), alpha=math.sqrt(1 - self.zeta) * eta_sigma)
-            if self.zeta > 0:
-                x.add_(randn(x_shape, generator, y), alpha=math.sqrt(self.zeta) * s_next)
+                x_t, x0_pred, x0_hat = states[0] if len(states) == 1 else map(torch.cat, zip(*states, strict=True))
+                callback(StepState(i, t, None if last else ts[i + 1], rhos[i], x_t, x0_pred, x0_hat))
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         return (x + 1) / 2
 
+    def _start(
+        self, y: Tensor, op: DataOperator, sigma_n: float, generator: GeneratorArg, x_init: Tensor | None
+    ) -> Tensor:
+        """3. The start at ``t_start`` on the [-1, 1] scale: pure noise, or an image-shaped estimate diffused."""
+        sched = self.schedule
+        sa, s1a = sched.host("sqrt_alphas_cumprod"), sched.host("sqrt_one_minus_alphas_cumprod")
+        t0 = self.timesteps[0]
+        x_shape = op.x_shape(y.shape)
+        noise = randn(x_shape, generator, y)
+        init = self.init if self.init != "auto" else ("measurement" if t0 < sched.T - 1 else "noise")
+        if init == "noise" and x_init is None:
+            return noise
+        if x_init is not None:  # a given start is taken as clean
+            est, noisy = x_init, False
+        elif init == "official":
+            est, noisy = official_start(op, y)
+        elif init == "measurement":
+            est, noisy = op.initial_estimate(y), True
+        else:  # classical: a restoration, taken as clean
+            est, noisy = self.initial_estimate(y, op, sigma_n), False
+        if est.shape != x_shape:
+            raise ValueError(f"the start has shape {tuple(est.shape)}, expected {tuple(x_shape)}")
+        if noisy:
+            # y already carries noise of std 2 sigma_n (network scale), so it stands for x at t_y
+            # (sigma_bar[t_y] ~ 2 sigma_n) and is diffused from t_y to t_start with the missing noise only.
+            t_y = int(sched.timestep_for_sigma(2 * float(sigma_n)))
+            ratio = float(sa[t0]) / float(sa[t_y])
+            std = math.sqrt(max(float(s1a[t0]) ** 2 - ratio**2 * float(s1a[t_y]) ** 2, 0.0))
+            return ratio * (2 * est - 1) + std * noise
+        return float(sa[t0]) * (2 * est - 1) + float(s1a[t0]) * noise
 
-__all__ = ["INITS", "DiffPIR", "StepState", "EpsModel", "DataOperator", "randn"]
+    def _renoise(self, x, x0_hat, a_t, s_t, t, t_next, generator, like, sa, s1a, betas) -> Tensor:
+        """4c-d. ``eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)``, the noise ``x0_hat`` implies, then
+        ``x' = sqrt(ab') x0_hat + sqrt(1 - zeta) (d eps_hat + eta_sigma z1) + sqrt(zeta) sqrt(1 - ab') z2`` with
+        ``d = sqrt(1 - ab' - eta_sigma^2)``, folded into ``x' = c x_t + (sqrt(ab') - c sqrt(ab_t)) x0_hat + ...``."""
+        s_next = float(s1a[t_next])
+        eta_sigma = self.eta * s_next / s_t * math.sqrt(float(betas[t]))
+        c = math.sqrt(1 - self.zeta) * math.sqrt(max(s_next**2 - eta_sigma**2, 0.0)) / s_t
+        x = torch.mul(x, c).add_(x0_hat, alpha=float(sa[t_next]) - c * a_t)
+        if eta_sigma > 0:
+            x.add_(randn(x.shape, generator, like), alpha=math.sqrt(1 - self.zeta) * eta_sigma)
+        if self.zeta > 0:
+            x.add_(randn(x.shape, generator, like), alpha=math.sqrt(self.zeta) * s_next)
+        return x
+
+
+__all__ = [
+    "FEW_STEPS",
+    "INITS",
+    "OUTPUTS",
+    "DiffPIR",
+    "StepState",
+    "EpsModel",
+    "DataOperator",
+    "official_start",
+    "randn",
+    "select_image",
+]

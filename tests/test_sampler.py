@@ -1,6 +1,7 @@
 """DiffPIR sampler: exactness against an analytic Gaussian prior, determinism, batching, callbacks, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,25 +202,76 @@ def test_inpainting_keeps_known_pixels_close(sched, prior):
     assert mse(x, u) < 0.5 * mse(y, u)
 
 
-def test_final_data_step_returns_the_prox_of_the_last_prediction(sched, prior):
+def test_output_selects_the_last_prediction_its_prox_or_the_last_iterate(sched, prior):
     g = torch.Generator().manual_seed(12)
     u = (prior.sample(1, generator=g) + 1) / 2
     mask = (torch.rand(1, 1, H, W, generator=g) > 0.5).double()
     op, y = Inpaint(mask), Inpaint(mask)(u)
     runs = {}
-    for final in (False, True):
+    for output in ("x0_pred", "x0_hat", "iterate"):
         seen = []
-        sampler = DiffPIR(sched, steps=6, lambda_=1.0, zeta=1.0, final_data_step=final)
+        sampler = DiffPIR(sched, steps=6, lambda_=1.0, zeta=1.0, output=output)
         x = sampler(y, op, prior, sigma_n=0.0, generator=torch.Generator().manual_seed(3), callback=seen.append)
-        runs[final] = (x, seen[-1])
-    (x_off, last_off), (x_on, last_on) = runs[False], runs[True]
-    torch.testing.assert_close(last_on.x0_pred, last_off.x0_pred)  # same path up to the last step
-    torch.testing.assert_close(x_off, (last_off.x0_pred + 1) / 2)  # official: the last prediction
-    expected = op.prox((last_on.x0_pred + 1) / 2, y, last_on.rho)
-    torch.testing.assert_close(x_on, expected)
+        runs[output] = (x, seen[-1])
+    (x_pred, last_pred), (x_hat, last_hat), (x_it, last_it) = runs["x0_pred"], runs["x0_hat"], runs["iterate"]
+    torch.testing.assert_close(last_hat.x0_pred, last_pred.x0_pred)  # same path up to the last step
+    torch.testing.assert_close(last_it.x_t, last_pred.x_t)
+    torch.testing.assert_close(x_pred, (last_pred.x0_pred + 1) / 2)  # the last prediction
+    torch.testing.assert_close(x_hat, op.prox((last_hat.x0_pred + 1) / 2, y, last_hat.rho))  # Algorithm 1
+    assert last_it.t == 0 and last_it.t_next is None
+    torch.testing.assert_close(x_it, (last_it.x_t + 1) / 2)  # the official scripts: the last iterate x_0
     known = mask.expand_as(u).bool()
     # known pixels kept up to rho / (1 + rho) of the gap (rho ~ 0.01 at t = 0 for sigma_n = 0)
-    assert (x_on - u)[known].abs().max() < 0.01 < 0.05 < (x_off - u)[known].abs().max()
+    assert (x_hat - u)[known].abs().max() < 0.01 < 0.05 < (x_pred - u)[known].abs().max()
+    with pytest.raises(ValueError, match="output must be one of"):
+        DiffPIR(sched, output="x0")
+
+
+def test_batch_invariant_is_bitwise_the_image_alone(sched, prior):
+    """The exact option: each image runs alone in lockstep, with its own operator (per-image kernels)."""
+    g = torch.Generator().manual_seed(21)
+    u = (prior.sample(3, generator=g) + 1) / 2
+    kernels = torch.stack([gaussian_kernel(9, s) for s in (1.0, 1.5, 2.0)]).double()
+    op = Blur(kernels)
+    y = op(u) + 0.05 * torch.randn(u.shape, generator=g, dtype=torch.float64)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    sampler = DiffPIR(sched, steps=8, zeta=0.5, eta=0.3, batch_invariant=True)
+    seen = []
+    batch = sampler(y, op, prior, generator=gens(), callback=seen.append)
+    assert len(seen) == 8 and seen[0].x_t.shape == (3, 1, H, W)
+    for i in range(3):
+        alone = sampler(y[i : i + 1], Blur(kernels[i]), prior, generator=gens()[i : i + 1])
+        assert torch.equal(batch[i : i + 1], alone)
+    # the batched path gives the same images to round-off
+    batched = DiffPIR(sched, steps=8, zeta=0.5, eta=0.3)(y, op, prior, generator=gens())
+    torch.testing.assert_close(batched, batch, atol=1e-9, rtol=0)
+
+
+def test_one_step_from_pure_noise_is_refused_and_few_steps_warn_with_the_fix(sched):
+    with pytest.raises(ValueError, match="evaluates the prior once, on pure noise.*init='classical'"):
+        DiffPIR(sched, steps=1)
+    with pytest.warns(UserWarning, match="far from converged.*_fast.yaml.*--model.init classical"):
+        DiffPIR(sched, steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffPIR(sched, steps=20)  # enough steps: no warning
+        DiffPIR(sched, steps=1, t_start=100, init="classical")  # one denoising step of a late start is allowed
+        DiffPIR(sched, steps=5, t_start=400, init="classical")
+
+
+def test_official_start_is_the_unclamped_measurement_diffused_from_t_y(sched, prior):
+    """init="official" at t_start = 999: sqrt(ab_999) / sqrt(ab_t_y) (2 y - 1) plus the missing noise, y unclamped."""
+    y = torch.full((1, 1, H, W), 1.2, dtype=torch.float64)  # above 1: a noisy measurement is not clamped
+    seen = []
+    DiffPIR(sched, steps=2, init="official")(
+        y, Denoise(), prior, sigma_n=0.05, generator=torch.Generator().manual_seed(0), callback=seen.append
+    )
+    sa, s1a = sched.host("sqrt_alphas_cumprod"), sched.host("sqrt_one_minus_alphas_cumprod")
+    t_y = int(sched.timestep_for_sigma(0.1))
+    ratio = sa[999] / sa[t_y]
+    noise = torch.randn((1, 1, H, W), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = ratio * (2 * y - 1) + math.sqrt(s1a[999] ** 2 - ratio**2 * s1a[t_y] ** 2) * noise
+    torch.testing.assert_close(seen[0].x_t, expected)
 
 
 def test_bad_input_is_refused_with_a_clear_message(sched, prior, deblur_problem):
@@ -248,6 +300,6 @@ def test_params_are_the_constructor_and_round_trip_through_the_wrappers(sched):
     assert tuple(inspect.signature(DiffPIR).parameters)[1:] == DiffPIR.PARAMS
     for wrapper in (DiffPIRMethod, RestorationModule):
         assert set(DiffPIR.PARAMS) <= set(inspect.signature(wrapper).parameters), wrapper
-    sampler = DiffPIR(sched, steps=7, lambda_=3.0, zeta=0.9, t_start=500, init="classical", final_data_step=True)
+    sampler = DiffPIR(sched, steps=7, lambda_=3.0, zeta=0.9, t_start=500, init="classical", output="x0_hat")
     assert DiffPIR(sched, **sampler.config()).config() == sampler.config()
     assert DiffPIRMethod(sampler=sampler).config() == sampler.config() != DiffPIR(sched).config()

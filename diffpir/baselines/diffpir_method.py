@@ -19,8 +19,8 @@ class DiffPIRMethod(Method):
     schedule (rebuilt when a prior with another schedule comes in).
 
     Args: those of :class:`~diffpir.sampler.DiffPIR` (``steps``, ``lambda_``, ``zeta``, ``skip``, ``t_start``,
-    ``eta``, ``guidance_scale``, ``clip_denoised``, ``init``, ``final_data_step``), or ``sampler=`` an existing
-    sampler to wrap.
+    ``eta``, ``guidance_scale``, ``clip_denoised``, ``init``, ``output``, ``batch_invariant``), or ``sampler=`` an
+    existing sampler to wrap.
     """
 
     name = "diffpir"
@@ -35,8 +35,9 @@ class DiffPIRMethod(Method):
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
-        final_data_step: bool = False,
+        init: Literal["auto", "noise", "measurement", "classical", "official"] = "auto",
+        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
+        batch_invariant: bool = False,
         sampler: DiffPIR | None = None,
     ):
         self.kwargs: dict[str, Any] = {
@@ -49,7 +50,8 @@ class DiffPIRMethod(Method):
             "guidance_scale": guidance_scale,
             "clip_denoised": clip_denoised,
             "init": init,
-            "final_data_step": final_data_step,
+            "output": output,
+            "batch_invariant": batch_invariant,
         }
         if sampler is not None:
             self.kwargs = sampler.config()

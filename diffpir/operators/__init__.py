@@ -2,8 +2,8 @@
 
 Every operator is a :class:`Operator` (an ``nn.Module``): ``forward(x)``, ``adjoint(y)``, ``prox(z, y, rho)``
 ``= argmin_x ||y - H x||^2 + rho ||x - z||^2``, ``x_shape(y_shape)``, ``check(y)`` and
-``initial_estimate(y)``. Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a small example of
-each kind.
+``initial_estimate(y)``, ``official_start(y)`` (the official scripts' start) and ``select(index)`` (one image's
+operator). Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a small example of each kind.
 """
 
 from diffpir.operators.base import Operator, as_generator
@@ -14,7 +14,7 @@ from diffpir.operators.kernels import gaussian_kernel, load_kernel, motion_kerne
 from diffpir.operators.masks import box_mask, load_mask, random_mask
 from diffpir.operators.pointwise import Denoise, Inpaint
 from diffpir.operators.registry import OPERATORS
-from diffpir.operators.sr import Bicubic, Downsample, imresize_matrix
+from diffpir.operators.sr import Bicubic, Downsample, bicubic_kernel, imresize_matrix
 
 __all__ = [
     "OPERATORS",
@@ -29,6 +29,7 @@ __all__ = [
     "Operator",
     "as_generator",
     "as_kernel",
+    "bicubic_kernel",
     "box_mask",
     "gaussian_kernel",
     "imresize_matrix",

@@ -11,6 +11,7 @@ Conventions shared by all operators (see ``docs/CONTRACTS.md``):
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -116,6 +117,32 @@ class Operator(nn.Module):
             den = self.adjoint(self.forward(torch.ones(shape, dtype=y.dtype, device=y.device)))
             return (num / den.clamp_min(1e-8)).clamp(0, 1)
         return torch.full(shape, 0.5, dtype=y.dtype, device=y.device)
+
+    def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
+        """The image-shaped start of the official DiffPIR scripts (in [0, 1] units, **not** clamped) and whether
+        it carries ``y``'s noise (the sampler then diffuses it from ``t_y``, else takes it as clean).
+
+        Default: ``y`` itself when it is image-shaped (deblurring, denoising: ``main_ddpir_deblur.py``), noisy;
+        else :meth:`initial_estimate`, noisy.
+        """
+        if self.x_shape(y.shape) == y.shape:
+            return y, True
+        return self.initial_estimate(y), True
+
+    def select(self, index: int) -> Operator:
+        """The operator of image ``index`` alone (batch 1), sharing this one's data. The base class holds no
+        per-image parameters and returns itself; operators with per-image kernels or masks slice them."""
+        return self
+
+    def _with_buffer(self, name: str, value: Tensor) -> Operator:
+        """A shallow copy of this operator with buffer ``name`` replaced (caches dropped)."""
+        new = copy.copy(self)
+        new._buffers = dict(self._buffers)
+        new._buffers[name] = value
+        for cache in ("_otf_cache", "_mat_cache", "_eig_cache"):
+            if hasattr(new, cache):
+                setattr(new, cache, {})
+        return new
 
     # --------------------------------------------------------------------------------------------------------
     # Helpers for subclasses

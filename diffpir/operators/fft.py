@@ -65,7 +65,8 @@ def psf2otf(kernel: Tensor, height: int, width: int, full: bool = False) -> Tens
 
     Pads ``kernel`` ``[Nk, kh, kw]`` with zeros to ``[Nk, H, W]``, rolls its centre ``(kh // 2, kw // 2)`` to
     ``(0, 0)`` and takes the 2-D FFT: ``rfft2`` (``[Nk, 1, H, W // 2 + 1]``) or, with ``full=True``, ``fft2``
-    (``[Nk, 1, H, W]``). Then ``F(k * x) = otf * F(x)``.
+    (``[Nk, 1, H, W]``). Then ``F(k * x) = otf * F(x)``. Each kernel's transfer function is computed on its own,
+    so it does not depend on the other kernels of the batch.
     """
     nk, kh, kw = kernel.shape
     if kh > height or kw > width:
@@ -73,7 +74,10 @@ def psf2otf(kernel: Tensor, height: int, width: int, full: bool = False) -> Tens
     pad = kernel.new_zeros(nk, height, width)
     pad[:, :kh, :kw] = kernel
     pad = torch.roll(pad, shifts=(-(kh // 2), -(kw // 2)), dims=(1, 2))
-    otf = torch.fft.fft2(pad) if full else torch.fft.rfft2(pad)
+    fft = torch.fft.fft2 if full else torch.fft.rfft2
+    # One FFT per kernel: a batched FFT may round differently from a single one (MKL does for 2 transforms vs 1),
+    # and the data step divides by |K|^2 + rho, so a kernel's transfer function must not depend on its batch.
+    otf = torch.cat([fft(pad[i : i + 1]) for i in range(nk)])
     return otf[:, None]
 
 
@@ -112,6 +116,12 @@ class KernelOperator(Operator):
             otf = psf2otf(self.kernel.to(device=like.device, dtype=dtype), height, width, full)
             self._otf_cache[key] = otf
         return otf
+
+    def select(self, index: int) -> Operator:
+        """The operator of image ``index`` alone: its own kernel ``[1, kh, kw]`` (a shared kernel: itself)."""
+        if self.kernel.shape[0] == 1:
+            return self
+        return self._with_buffer("kernel", self.kernel[index : index + 1].clone())
 
     def _check_fits(self, height: int, width: int) -> None:
         kh, kw = self.kernel.shape[-2:]

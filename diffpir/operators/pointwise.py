@@ -96,5 +96,16 @@ class Inpaint(Operator):
         mean = (m * y).sum((2, 3), keepdim=True) / (m * m).sum((2, 3), keepdim=True).clamp_min(1e-8)
         return (m * y + (1 - m) * mean).clamp(0, 1)
 
+    def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
+        """The official start (``main_ddpir_inpainting.py``): ``M y``, the missing pixels at 0 (-1 for the
+        network), not clamped, noisy."""
+        return self._mask(y) * y, True
+
+    def select(self, index: int) -> Operator:
+        """The operator of image ``index`` alone: its own mask (a shared mask: itself)."""
+        if self.mask.shape[0] == 1:
+            return self
+        return self._with_buffer("mask", self.mask[index : index + 1].clone())
+
     def extra_repr(self) -> str:
         return f"mask={tuple(self.mask.shape)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,12 +29,47 @@ def _check_divides(scale: int, h: int, w: int) -> None:
         )
 
 
-def _upsample_bicubic(y: Tensor, scale: int) -> Tensor:
-    """Bicubic upsampling by ``scale`` (``torch`` interpolate, ``align_corners=False``), clamped to [0, 1]."""
+def _upsample_bicubic(y: Tensor, scale: int, clamp: bool = True) -> Tensor:
+    """Bicubic upsampling by ``scale`` (``torch`` interpolate, ``align_corners=False``: Keys' cubic with
+    ``a = -0.75`` and replicated borders, as OpenCV's ``INTER_CUBIC``), clamped to [0, 1] unless ``clamp=False``."""
     if scale == 1:
-        return y.clamp(0, 1)
+        return y.clamp(0, 1) if clamp else y
     up = F.interpolate(y.to(work_dtype(y)), scale_factor=scale, mode="bicubic", align_corners=False)
-    return up.clamp(0, 1).to(y.dtype)
+    return (up.clamp(0, 1) if clamp else up).to(y.dtype)
+
+
+def _shift_pixel(x: Tensor, scale: int) -> Tensor:
+    """``x`` resampled at ``(i + (s - 1) / 2, j + (s - 1) / 2)`` by bilinear interpolation, positions clipped to
+    the image (the official ``utils_sisr.shift_pixel``): moves a centred upsampling onto the top-left sampling
+    grid of :class:`Downsample`."""
+    shift = (scale - 1) / 2
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        pos = (torch.arange(n, dtype=torch.float64) + shift).clamp(0, n - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (pos - lo).to(device=x.device, dtype=x.dtype)
+        w = w.view(-1, 1) if dim == -2 else w
+        x = x.index_select(dim, lo.to(x.device)) * (1 - w) + x.index_select(dim, hi.to(x.device)) * w
+    return x
+
+
+def bicubic_kernel(scale: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The blur kernel ``k`` for which :class:`Downsample` (``y[i] = (k * x)[s i]``, circular) equals MATLAB's
+    bicubic ``imresize(x, 1/s)`` (:class:`Bicubic`) away from the borders.
+
+    MATLAB takes output pixel ``i`` (0-based) at input position ``s i + (s - 1) / 2`` with the stretched cubic
+    ``cubic(t / s) / s``, so ``k[m] = cubic((m + (s - 1) / 2) / s) / s`` along each axis (normalised, separable),
+    centred on an odd grid just large enough for its support. The official code's closed form uses a 25x25
+    kernel of this shape estimated from images (``kernels_bicubicx234.mat``), within 2e-3 of this one (peak 0.058).
+    """
+    s = _check_scale(scale)
+    shift = (s - 1) / 2
+    r = math.ceil(2 * s + shift)
+    m = np.arange(-r, r + 1, dtype=np.float64)
+    k1 = _cubic((m + shift) / s) / s
+    k1 = k1 / k1.sum()
+    return torch.from_numpy(np.outer(k1, k1)).to(dtype)
 
 
 class Downsample(KernelOperator):
@@ -148,6 +184,11 @@ class Downsample(KernelOperator):
         """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
         return _upsample_bicubic(y, self.scale)
 
+    def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
+        """The official start (``main_ddpir_sisr.py`` with ``classical_degradation``): the unclamped bicubic
+        upsampling shifted onto the top-left sampling grid (``shift_pixel``), taken as clean."""
+        return _shift_pixel(_upsample_bicubic(y, self.scale, clamp=False), self.scale), False
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}, kernel={tuple(self.kernel.shape)}"
 
@@ -204,13 +245,24 @@ class Bicubic(Operator):
     eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached) and
     ``R = W_h^T y W_w + rho z``, ``x = U_h [(U_h^T R U_w) / (D_h D_w^T + rho)] U_w^T``.
 
+    With ``data_step="kernel"`` the data step is instead the official code's: the closed form of
+    :class:`Downsample` with :func:`bicubic_kernel` (circular blur then top-left decimation), which equals the
+    bicubic downsampling away from the borders only.
+
     Args:
         scale: integer factor ``s`` dividing the image height and width.
+        data_step: ``"exact"`` (default) or ``"kernel"`` (the official approximation).
     """
 
-    def __init__(self, scale: int, **cg):
+    def __init__(self, scale: int, data_step: Literal["exact", "kernel"] = "exact", **cg):
         super().__init__(**cg)
         self.scale = _check_scale(scale)
+        if data_step not in ("exact", "kernel"):
+            raise ValueError(f"data_step must be 'exact' or 'kernel', got {data_step!r}")
+        self.data_step = data_step
+        self._kernel_op = (
+            Downsample(self.scale, bicubic_kernel(self.scale, torch.float64)) if data_step == "kernel" else None
+        )
         self._mat_cache: dict[tuple, Tensor] = {}
         self._eig_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -262,7 +314,10 @@ class Bicubic(Operator):
         return (self.matrix(y.shape[-2] * s, yf).T @ yf @ self.matrix(y.shape[-1] * s, yf)).to(y.dtype)
 
     def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """The exact eigen-solution (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``."""
+        """The exact eigen-solution (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``.
+        With ``data_step="kernel"``: :class:`Downsample`'s closed form with :func:`bicubic_kernel`."""
+        if self._kernel_op is not None:
+            return self._kernel_op.prox(z, y, rho)
         self._check_image(z, "z")
         zf = z.to(work_dtype(z))
         r = rho_view(rho, zf)
@@ -274,6 +329,8 @@ class Bicubic(Operator):
 
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
         """:meth:`prox` for a fixed ``y``, with ``U_h^T A^T y U_w`` computed once: four small matmuls a call."""
+        if self._kernel_op is not None:
+            return self._kernel_op.prox_fn(y)
         check_measurement(y, "y")
         yf = y.to(work_dtype(y))
         uh, dh = self._eig(y.shape[-2] * self.scale, yf)
@@ -295,5 +352,10 @@ class Bicubic(Operator):
         """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
         return _upsample_bicubic(y, self.scale)
 
+    def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
+        """The official start (``main_ddpir_sisr.py``): the unclamped bicubic upsampling (OpenCV's
+        ``INTER_CUBIC``), taken as clean (no ``t_y`` rescaling)."""
+        return _upsample_bicubic(y, self.scale, clamp=False), False
+
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"scale={self.scale}" + (", data_step='kernel'" if self._kernel_op is not None else "")

@@ -8,7 +8,9 @@ stores what it returns. Multi-GPU is Lightning's DDP.
 
 Reproducibility: each image's sampler noise comes from its own generator seeded by ``(seed, image key)`` (the
 sampler's list-of-generators form; CPU generators, so a GPU run draws the same noise as a CPU run), hence an
-image restores the same whatever batch or rank it lands in.
+image's noise does not depend on the batch or rank it lands in. Its result is then bitwise the same whatever batch
+it lands in with ``batch_size: 1`` (the configs' default) or ``model.batch_invariant: true``, and the same to
+round-off otherwise (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class RestorationModule(L.LightningModule):
         prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
             :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
-        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, final_data_step: the sampler's
-            hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only ``steps`` is
-            passed on (to the methods that take it: ``dps``, ``ddnm``).
+        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, output, batch_invariant: the
+            sampler's hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only
+            ``steps`` is passed on (to the methods that take it: ``dps``, ``ddnm``).
         method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
             ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"`` or ``"classical"``.
         method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
@@ -97,8 +99,9 @@ class RestorationModule(L.LightningModule):
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical"] = "auto",
-        final_data_step: bool = False,
+        init: Literal["auto", "noise", "measurement", "classical", "official"] = "auto",
+        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
+        batch_invariant: bool = False,
         prior_precision: PriorPrecision = "32",
         seed: int = 0,
         lpips: bool | None = None,
@@ -138,7 +141,8 @@ class RestorationModule(L.LightningModule):
                 "guidance_scale": guidance_scale,
                 "clip_denoised": clip_denoised,
                 "init": init,
-                "final_data_step": final_data_step,
+                "output": output,
+                "batch_invariant": batch_invariant,
                 **method_args,
             }
             self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **sampler_args)

@@ -99,6 +99,9 @@ class Degradation:
         scale: integer downsampling factor of ``sr``.
         sr_kernel: ``"bicubic"`` (MATLAB-style bicubic downsampling, the paper's protocol) or ``"kernel"``
             (blur by the Gaussian ``kernel_size``/``kernel_std``, or ``kernel``, then keep every ``scale``-th pixel).
+        sr_data_step: the data step of bicubic SR: ``"exact"`` (the exact solution for the bicubic downsampling)
+            or ``"kernel"`` (the official code's closed form with a bicubic blur kernel, exact away from the borders
+            only; see :class:`~diffpir.operators.Bicubic`).
         box: side of the missing box (None: half the image's short side, 128 on 256x256 as in the paper).
         margin: least distance of the box to the border (None: 1/16 of the short side, 16 on 256x256).
         missing: fraction of pixels missing in ``inpaint_random`` (shared by the channels).
@@ -115,6 +118,7 @@ class Degradation:
     kernel: str | None = None
     scale: int = 4
     sr_kernel: Literal["bicubic", "kernel"] = "bicubic"
+    sr_data_step: Literal["exact", "kernel"] = "exact"
     box: int | None = None
     margin: int | None = None
     missing: float = 0.5
@@ -133,6 +137,8 @@ class Degradation:
             raise ValueError("task 'inpaint_mask' needs a mask image or folder: set mask")
         if self.sr_kernel not in ("bicubic", "kernel"):
             raise ValueError(f"sr_kernel must be 'bicubic' or 'kernel', got {self.sr_kernel!r}")
+        if self.sr_data_step not in ("exact", "kernel"):
+            raise ValueError(f"sr_data_step must be 'exact' or 'kernel', got {self.sr_data_step!r}")
         if self.kernel_std_max is not None and self.kernel_std_max < self.kernel_std:
             raise ValueError(f"kernel_std_max={self.kernel_std_max} is below kernel_std={self.kernel_std}")
 
@@ -237,7 +243,7 @@ def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
         return Blur(params["kernel"])
     if fam == "sr":
         if spec.sr_kernel == "bicubic":
-            return Bicubic(spec.scale)
+            return Bicubic(spec.scale, data_step=spec.sr_data_step)
         return Downsample(spec.scale, params["kernel"])
     if fam == "inpaint":
         return Inpaint(params["mask"])
