@@ -12,9 +12,10 @@ upsampling, harmonic fill, ...) when that method is available. It writes, under 
     overview.png                                                      one row per task for the first photo
     metrics.md, metrics.csv                                           the table of all tasks and methods
 
-NFEs are cut from the paper's 100 to 10 per image (5 for box inpainting, 40 for random inpainting), and every
-task starts from its classical baseline's restoration diffused to a per-task t_start (``FAST``; paper Fig. 7) rather
-than from pure noise, so that the whole demo takes about eight minutes on two CPU cores. Reruns skip images already
+Each task runs its fast config, ``configs/restore/<task>_fast.yaml``: 10 NFEs per image (5 for box inpainting, 40
+for random inpainting) instead of the paper's 100, starting from the classical baseline's restoration diffused to a
+per-task t_start (paper Fig. 7) rather than from pure noise, so that the whole demo takes about eight minutes on two
+CPU cores. The baselines run on the same configs, so on the same degraded images. Reruns skip images already
 restored.
 """
 
@@ -32,41 +33,15 @@ import time
 from pathlib import Path
 
 TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise")
-# DiffPIR's settings for the bundled undertrained `natural` prior at few NFEs, chosen on 256x256 crops of the
-# validation photos (data/natural/val, apart from the sample photos; docs/benchmarks.md has the sweep): start from
-# the classical baseline's restoration diffused to t_start (paper Fig. 7: a late start loses little and saves NFEs)
-# and re-noise with fresh noise only (zeta = 1); 10 NFEs (``--steps``) unless a task sets its own ("steps": random
-# inpainting needs more to beat the harmonic fill, box inpainting does best close to it); inpainting also takes the
-# data step on the last step (Algorithm 1 of the paper), keeping the known pixels. The configs keep the official
-# settings for the paper's protocol.
-FAST: dict[str, dict[str, object]] = {
-    "deblur_gaussian": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
-    "deblur_motion": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
-    "sr_x4": {"init": "classical", "t_start": 400, "lambda_": 7.0, "zeta": 1.0},
-    "inpaint_box": {
-        "init": "classical",
-        "t_start": 50,
-        "lambda_": 1.0,
-        "zeta": 1.0,
-        "steps": 5,
-        "final_data_step": True,
-    },
-    "inpaint_random": {
-        "init": "classical",
-        "t_start": 200,
-        "lambda_": 1.0,
-        "zeta": 1.0,
-        "steps": 40,
-        "final_data_step": True,
-    },
-    "denoise": {"init": "classical", "t_start": 200, "lambda_": 7.0, "zeta": 1.0},
-}
-DEFAULT_STEPS = 10
 
 
 def demo_steps(task: str, steps: int | None = None) -> int:
-    """DiffPIR's NFEs for ``task``: ``steps`` when given, else the task's own (``FAST``), else ``DEFAULT_STEPS``."""
-    return int(steps) if steps is not None else int(FAST.get(task, {}).get("steps", DEFAULT_STEPS))
+    """DiffPIR's NFEs for ``task``: ``steps`` when given, else those of the task's fast config."""
+    if steps is not None:
+        return int(steps)
+    import yaml
+
+    return int(yaml.safe_load(config_path(task).read_text())["model"]["steps"])
 
 
 METRICS = ("psnr", "ssim", "lpips")
@@ -77,14 +52,18 @@ def repo_root() -> Path:
 
 
 def config_path(task: str) -> Path:
-    path = repo_root() / "configs" / "restore" / f"{task}.yaml"
+    """The task's fast config, ``configs/restore/<task>_fast.yaml`` (the settings the demo runs)."""
+    path = repo_root() / "configs" / "restore" / f"{task}_fast.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no restoration config for task {task!r} at {path}")
     return path
 
 
-def run_task(task: str, out: Path, images: Path, steps: int, method: str = "diffpir", prior: str = "natural") -> dict:
-    """One ``diffpir-restore predict`` run; returns its ``summary.json``."""
+def run_task(
+    task: str, out: Path, images: Path, steps: int | None, method: str = "diffpir", prior: str = "natural"
+) -> dict:
+    """One ``diffpir-restore predict`` run on the task's fast config (``steps`` overriding its NFEs); returns its
+    ``summary.json``."""
     from diffpir.restoration.cli import build_cli
 
     args = [
@@ -103,8 +82,8 @@ def run_task(task: str, out: Path, images: Path, steps: int, method: str = "diff
         "false",
     ]
     if method == "diffpir":
-        for key, value in {**FAST.get(task, {}), "steps": steps}.items():
-            args += [f"--model.{key}", str(value)]
+        if steps is not None:
+            args += ["--model.steps", str(steps)]
     else:
         args += ["--model.method", method]
     build_cli(args, run=True)
@@ -186,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="DiffPIR NFEs per image for every task (default: 10; 5 for inpaint_box, 40 for inpaint_random)",
+        help="DiffPIR NFEs per image for every task (default: the fast configs': 10; 5 for inpaint_box, 40 for "
+        "inpaint_random)",
     )
     ap.add_argument("--images", type=int, default=5, help="how many bundled photos (default: all 5)")
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
@@ -214,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 print(f"[demo] {task}: {method} ...", flush=True)
                 steps = demo_steps(task, args.steps)
-                results[(task, method)] = run_task(task, sub, images, steps, method, args.prior)
+                results[(task, method)] = run_task(task, sub, images, args.steps, method, args.prior)
                 results[(task, method)]["nfe"] = steps if method == "diffpir" else 0
                 mean = results[(task, method)].get("mean", {})
                 shown = ", ".join(f"{m} {mean[m]:.3f}" for m in METRICS if isinstance(mean.get(m), float))

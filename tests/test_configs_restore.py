@@ -26,8 +26,8 @@ def prior_file(tmp_path_factory) -> Path:
     return export_prior(prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
 
 
-def test_every_paper_task_has_a_config():
-    assert PAPER_TASKS <= {p.stem for p in CONFIGS}
+def test_every_paper_task_has_a_config_and_a_fast_config():
+    assert PAPER_TASKS | {f"{t}_fast" for t in PAPER_TASKS} <= {p.stem for p in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -39,19 +39,28 @@ def test_config_instantiates(config, prior_file, tmp_path):
     callbacks = {type(c) for c in cli.trainer.callbacks}
     assert {RestorationWriter, TrajectoryLogger} <= callbacks
     spec = cli.datamodule.degradation
-    assert spec.task == config.stem
+    fast = config.stem.endswith("_fast")
+    assert spec.task == config.stem.removesuffix("_fast")
     hp = cli.model.hparams
     sampler = cli.model.sampler
     assert sampler.nfe == hp.steps and sampler.lambda_ == hp.lambda_ and sampler.zeta == hp.zeta
+    assert hp.skip == "quad" and hp.eta == 0.0
+    if fast:  # the fast recipe: a late start from the classical restoration, fresh noise only
+        assert (hp.init, hp.zeta) == ("classical", 1.0) and hp.t_start < 999 and hp.steps <= 40
+        assert hp.output == ("x0_hat" if spec.family == "inpaint" else "x0_pred")
+        return
+    if spec.task != "denoise":  # the paper's tasks run as the official scripts
+        assert (hp.init, hp.output, hp.t_start) == ("official", "iterate", None)
     # the official defaults (docs: DIFFPIR.md table)
     if spec.family == "blur":
         assert (spec.sigma_n, hp.steps, hp.lambda_, hp.zeta, spec.kernel_size) == (0.05, 100, 7.0, 0.3, 61)
+    if spec.task == "deblur_gaussian":  # std 3 * U[1, 3) per image, as main_ddpir_deblur.py
+        assert (spec.kernel_std, spec.kernel_std_max) == (3.0, 9.0)
     elif spec.family == "sr":
         assert (spec.sigma_n, hp.steps, spec.scale, spec.sr_kernel) == (0.05, 100, 4, "bicubic")
-        assert 2.0 <= hp.lambda_ <= 12.0 and 0.25 <= hp.zeta <= 0.35
+        assert 2.0 <= hp.lambda_ <= 12.0 and hp.zeta == 0.25 and spec.sr_data_step == "kernel"
     elif spec.family == "inpaint":
         assert (spec.sigma_n, hp.lambda_, hp.zeta) == (0.0, 1.0, 1.0) and hp.steps in (20, 100)
-    assert hp.skip == "quad" and hp.eta == 0.0
 
 
 def test_command_line_overrides(prior_file, tmp_path):

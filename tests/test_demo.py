@@ -5,7 +5,7 @@ import csv
 import yaml
 
 from diffpir import NoiseSchedule, export_prior
-from diffpir.demo import DEFAULT_STEPS, FAST, demo_steps, main
+from diffpir.demo import config_path, demo_steps, main
 from diffpir.models import build_unet
 
 
@@ -37,8 +37,9 @@ def test_demo_explains_a_missing_prior(tmp_path, capsys):
     assert "cannot load the prior" in capsys.readouterr().err
 
 
-def test_demo_steps_per_task():
-    assert demo_steps("deblur_gaussian") == DEFAULT_STEPS == 10
-    assert demo_steps("inpaint_random") == FAST["inpaint_random"]["steps"] == 40
-    assert demo_steps("inpaint_box") == FAST["inpaint_box"]["steps"] == 5
+def test_demo_runs_the_shipped_fast_configs():
+    assert config_path("deblur_gaussian").name == "deblur_gaussian_fast.yaml"
+    assert demo_steps("deblur_gaussian") == demo_steps("sr_x4") == demo_steps("denoise") == 10
+    assert demo_steps("inpaint_random") == 40
+    assert demo_steps("inpaint_box") == 5
     assert demo_steps("inpaint_random", 3) == demo_steps("denoise", 3) == 3
