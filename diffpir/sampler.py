@@ -51,7 +51,8 @@ class StepState:
     """What the sampler hands its callback at each step (all on the [-1, 1] scale, ``[N, C, H, W]``).
 
     ``x_t`` is the iterate entering the step, ``x0_pred`` the prior's estimate of x0, ``x0_hat`` the
-    data-corrected estimate (equal to ``x0_pred`` on the last step, which has no data step).
+    data-corrected estimate. On the last step ``x0_hat`` is what the sampler returns: ``x0_pred`` (no data step),
+    its data step (``output="x0_hat"``) or the iterate ``x_t`` itself (``output="iterate"``).
     """
 
     index: int
@@ -327,7 +328,8 @@ class DiffPIR:
                 # 4b. Data step (eq. 12b) on the [0, 1] scale; skipped on the last step (official code) unless
                 # output="x0_hat" (Algorithm 1 of the paper).
                 if last and not final_prox:
-                    x0_hat = x0_pred
+                    # no data step; the step's estimate is what the sampler returns
+                    x0_hat = x if self.output == "iterate" else x0_pred
                 else:
                     x0_hat = prox(x0_pred.add(1.0).mul_(0.5), rhos[i]).mul(2.0).sub_(1.0)
                     if self.guidance_scale != 1.0:

@@ -178,3 +178,38 @@ def test_official_mode_reproduces_the_official_script(net, task):
         y, op, net, sigma_n=sigma_n, generator=torch.Generator().manual_seed(0)
     )
     assert psnr(default, ref) < 65.0
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_bicubic_kernel_is_the_bicubic_downsampling_away_from_the_borders(scale):
+    """The official closed form's kernel: blur then top-left decimation equals MATLAB's bicubic imresize inside."""
+    from diffpir.operators import Downsample
+
+    x = torch.rand(2, 3, 24 * scale, 24 * scale, generator=torch.Generator().manual_seed(scale), dtype=torch.float64)
+    k = bicubic_kernel(scale, torch.float64)
+    assert k.shape[-1] % 2 == 1 and float(k.sum()) == pytest.approx(1.0)
+    a, b = Bicubic(scale)(x), Downsample(scale, k)(x)
+    m = 3  # the kernel's support reaches 2 s + (s - 1) / 2 pixels: borders differ (symmetric vs circular)
+    torch.testing.assert_close(b[..., m:-m, m:-m], a[..., m:-m, m:-m], atol=1e-12, rtol=0)
+    assert float((a - b).abs().max()) > 1e-4  # ... and only inside
+    # Bicubic(data_step="kernel") takes that closed form as its data step
+    op, z, y, rho = Bicubic(scale, data_step="kernel"), x, a, 0.3
+    torch.testing.assert_close(op.prox(z, y, rho), Downsample(scale, k).prox(z, y, rho))
+    torch.testing.assert_close(op.prox_fn(y)(z, rho), Downsample(scale, k).prox(z, y, rho))
+    assert not torch.allclose(op.prox(z, y, rho), Bicubic(scale).prox(z, y, rho))
+
+
+def test_downsample_official_start_is_shift_pixel_of_the_bicubic_upsampling():
+    """main_ddpir_sisr.py with classical_degradation: cv2 cubic upsampling, then utils_sisr.shift_pixel (bilinear
+    resampling at i + (s - 1) / 2, positions clipped to the image), taken as a clean start."""
+    from diffpir.operators import Downsample
+
+    y = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.4 - 0.2
+    start, noisy = Downsample(4, gaussian_kernel(7, 1.0).double()).official_start(y)
+    up = F.interpolate(y, scale_factor=4, mode="bicubic", align_corners=False)[0, 0].numpy()
+    n = up.shape[0]
+    pos = np.clip(np.arange(n) + 1.5, 0, n - 1)
+    rows = np.stack([np.interp(pos, np.arange(n), up[:, j]) for j in range(n)], axis=1)
+    expected = np.stack([np.interp(pos, np.arange(n), rows[i]) for i in range(n)])
+    assert not noisy and float(up.min()) < 0  # not clamped
+    np.testing.assert_allclose(start[0, 0].numpy(), expected, atol=1e-12)

@@ -220,6 +220,8 @@ def test_output_selects_the_last_prediction_its_prox_or_the_last_iterate(sched, 
     torch.testing.assert_close(x_hat, op.prox((last_hat.x0_pred + 1) / 2, y, last_hat.rho))  # Algorithm 1
     assert last_it.t == 0 and last_it.t_next is None
     torch.testing.assert_close(x_it, (last_it.x_t + 1) / 2)  # the official scripts: the last iterate x_0
+    for x, last in runs.values():  # the last step's x0_hat is the result (the trajectory logger's last PSNR)
+        torch.testing.assert_close(x, (last.x0_hat + 1) / 2)
     known = mask.expand_as(u).bool()
     # known pixels kept up to rho / (1 + rho) of the gap (rho ~ 0.01 at t = 0 for sigma_n = 0)
     assert (x_hat - u)[known].abs().max() < 0.01 < 0.05 < (x_pred - u)[known].abs().max()
