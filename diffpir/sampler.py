@@ -204,8 +204,7 @@ class DiffPIR:
             return
         fast = (
             "configs/restore/<task>_fast.yaml, or a late start from the classical restoration: "
-            "init='classical', t_start=400 (200 for denoising and inpainting), zeta=1.0 "
-            "(--model.init classical --model.t_start 400 --model.zeta 1.0)"
+            "init='classical', t_start=400, zeta=1.0 (--model.init classical --model.t_start 400 --model.zeta 1.0)"
         )
         if len(self.timesteps) < 2:
             raise ValueError(

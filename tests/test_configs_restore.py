@@ -89,3 +89,16 @@ def test_cli_predict_end_to_end(prior_file, tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["count"] == 2
     assert "steps: 3" in (out / "config.yaml").read_text()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_one_step_from_pure_noise_is_refused_by_the_cli(prior_file, tmp_path, monkeypatch, capsys):
+    """Issue 14, item 12: ``--model.steps 1`` with a paper config would return one prior guess on pure noise."""
+    monkeypatch.setattr(sys, "argv", ["diffpir-restore"])
+    cfg = next(p for p in CONFIGS if p.stem == "deblur_gaussian")
+    args = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", *args, "--model.steps", "1"])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "evaluates the prior once, on pure noise" in err and "--model.init classical" in err
+    assert not (tmp_path / "o" / "restored").exists()
