@@ -274,7 +274,7 @@ class DiffPIR:
                 noise does not depend on the batch: its result equals its result alone bitwise with
                 ``batch_invariant``, to round-off without).
             callback: called after each step with a :class:`StepState` of the whole batch.
-            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing the ``init`` estimate.
+            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing the ``init`` estimate, taken as clean.
         Returns:
             the restored images ``[N, C, H, W]`` in [0, 1] (not clamped beyond the prior's own clipping).
         """
