@@ -7,6 +7,7 @@ each kind.
 """
 
 from diffpir.operators.base import Operator, as_generator
+from diffpir.operators.blind import BlindBlur, delta_kernel
 from diffpir.operators.blur import Blur
 from diffpir.operators.fft import KernelOperator, as_kernel, psf2otf
 from diffpir.operators.generic import LinearOperator, NonlinearOperator
@@ -19,6 +20,7 @@ from diffpir.operators.sr import Bicubic, Downsample, imresize_matrix
 __all__ = [
     "OPERATORS",
     "Bicubic",
+    "BlindBlur",
     "Blur",
     "Denoise",
     "Downsample",
@@ -30,6 +32,7 @@ __all__ = [
     "as_generator",
     "as_kernel",
     "box_mask",
+    "delta_kernel",
     "gaussian_kernel",
     "imresize_matrix",
     "load_kernel",
