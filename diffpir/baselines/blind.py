@@ -17,7 +17,7 @@ used unchanged and never branches on the task:
 differences (``gradients=True``; the identity otherwise) and the channels sharing the kernel,
 
     ``min_k  sum_{c, d} ||(D_d x_c) * k - D_d y_c||^2 + a ||k||^2 + b sum_d ||D_d k||^2``,
-    ``a = alpha E, b = beta E, E = sum_{c, d} ||D_d x_c||^2`` (weights relative to the gradient energy of x),
+    ``a = alpha E, b = beta E, E = sum_{c, d} ||D_d x_c||^2`` (weights relative to the energy of what is fitted),
 
 first without constraints on the whole circular domain, in closed form in the Fourier domain,
 ``K = sum conj(X_cd) Y_cd / (sum |X_cd|^2 + a + b sum_d |D_d|^2)``, then on the constraint set
@@ -58,6 +58,7 @@ __all__ = [
     "estimate_kernel",
     "kernel_ncc",
     "kernel_from_otf_space",
+    "kernel_least_squares",
     "l0_deblur",
     "project_simplex",
 ]
@@ -154,7 +155,19 @@ def _kernel_normal_terms(
         weight[-1] = 1.0
     energy = (a_data * weight).sum(dim=(1, 2)) / (h * w)  # [N]
     a = a_data + (alpha * energy)[:, None, None] + (beta * energy)[:, None, None] * dd2
+    # Frequencies the data do not see (e.g. the mean, on gradients) get K = 0 rather than 0 / 0 without weights.
+    a = a.clamp_min(1e-12 * float(a.amax()))
     return a, b, energy
+
+
+def kernel_least_squares(
+    x: Tensor, y: Tensor, alpha: float = 1e-3, beta: float = 1e-3, gradients: bool = True
+) -> Tensor:
+    """The unconstrained minimiser of the kernel objective (module docstring) over the whole circular domain,
+    ``F^-1[sum conj(X_cd) Y_cd / (sum |X_cd|^2 + a + b sum_d |D_d|^2)]``: ``[N, H, W]`` float64 in the layout
+    of :func:`~diffpir.operators.psf2otf` (centre at ``(0, 0)``; :func:`kernel_from_otf_space` crops it)."""
+    a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients)
+    return torch.fft.irfft2(b / a, s=tuple(x.shape[-2:]))
 
 
 def estimate_kernel(
@@ -174,10 +187,11 @@ def estimate_kernel(
     closed form; ``init`` (``[N, size, size]``) warm-starts the projected iterations instead.
 
     Args:
-        x: the image estimate ``[N, C, H, W]`` (any scale: the weights are relative to its gradient energy).
+        x: the image estimate ``[N, C, H, W]`` (any scale: the weights are relative to its energy).
         y: the blurred measurement, same shape.
         size: the odd side of the support (at most the image size).
-        alpha, beta: Tikhonov and gradient-penalty weights, relative to ``E = sum ||D x||^2``.
+        alpha, beta: Tikhonov and gradient-penalty weights, relative to ``E = sum ||D x||^2`` (``sum ||x||^2``
+            with ``gradients=False``).
         iterations: FISTA iterations of projected gradient on the constrained problem.
         threshold: entries below ``threshold * max`` are zeroed after the iterations (then renormalised).
         gradients: fit on the image gradients (default; far more robust) or on the images themselves.
@@ -191,8 +205,7 @@ def estimate_kernel(
     n = x.shape[0]
     a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients)
     if init is None:
-        full = torch.fft.irfft2(b / a, s=(h, w))
-        k = kernel_from_otf_space(full, size)
+        k = kernel_from_otf_space(torch.fft.irfft2(b / a, s=(h, w)), size)
         k = project_simplex(k.reshape(n, -1)).view(n, size, size)
     else:
         k = project_simplex(init.to(torch.float64).reshape(n, -1)).view(n, size, size)
