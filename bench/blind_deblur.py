@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         sampler_args["steps"] = args.steps
     method_args = {**(model.get("method_args") or {}), **json.loads(args.method_args)}
+    for k in SAMPLER_KEYS:  # sampler settings given in --method-args apply to both DiffPIR rows
+        if k in method_args:
+            sampler_args[k] = method_args.pop(k)
     spec = Degradation(**deg)
     prior = load_prior(args.prior)
     blind = BlindDiffPIR(**sampler_args, **method_args)
