@@ -18,6 +18,7 @@ from diffpir.baselines import METHODS, BlindDiffPIR, build_method
 from diffpir.baselines.blind import (
     BlindStepState,
     align_images,
+    centre_kernel,
     estimate_kernel,
     kernel_from_otf_space,
     kernel_least_squares,
@@ -172,6 +173,19 @@ def test_kernel_ncc_and_alignment():
     assert shifts == [(2, -1), (2, -1)] and torch.equal(a, b) and a.shape[-2:] == (14, 14)
 
 
+def test_centre_kernel_puts_the_centre_of_mass_on_the_central_pixel():
+    k = torch.zeros(3, 11, 11, dtype=torch.float64)
+    k[:, 3:7, 4:9] = torch.rand(3, 4, 5, generator=gen(24), dtype=torch.float64)  # off centre, away from the border
+    out = centre_kernel(k)
+    t = torch.arange(11, dtype=torch.float64)
+    assert torch.allclose(out.sum((1, 2)), torch.ones(3, dtype=torch.float64)) and (out >= 0).all()
+    assert torch.allclose((out.sum(2) * t).sum(1), torch.full((3,), 5.0, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose((out.sum(1) * t).sum(1), torch.full((3,), 5.0, dtype=torch.float64), atol=1e-9)
+    two = torch.zeros(1, 5, 5, dtype=torch.float64)
+    two[0, 2, 2:4] = 0.5  # centre of mass half a pixel right: bilinear gives 1/4, 1/2, 1/4
+    assert torch.allclose(centre_kernel(two)[0, 2, 1:4], torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64))
+
+
 def test_otf_space_crop_inverts_the_padding():
     from diffpir.operators import psf2otf
 
@@ -203,7 +217,8 @@ def test_blind_method_estimates_the_kernel_and_never_reads_it(tiny_prior):
     # the trajectory sees the kernel of every step
     assert len(states) == 3 and all(isinstance(s, BlindStepState) and s.kernel.shape == (2, 11, 11) for s in states)
     # __call__ is the same restoration; a Blur with any kernel values gives the same result (only its size is read)
-    again = method(y, Blur(torch.rand(2, 11, 11, generator=gen(18))), tiny_prior, 0.01, generator=[gen(1), gen(2)])
+    other = Blur(torch.rand(2, 11, 11, generator=gen(18)), normalize=False)
+    again = method(y, other, tiny_prior, 0.01, generator=[gen(1), gen(2)])
     assert torch.allclose(again, res.image) and torch.allclose(method.last_kernel, res.kernel)
     # the restoration is consistent with its kernel: the blurred restoration is close to y
     resid = (Blur(res.kernel, normalize=False)(res.image.clamp(0, 1)) - y).square().mean().sqrt()
@@ -294,6 +309,7 @@ def _check_kernels(out: Path, names: list[str]) -> None:
         assert (out / "kernels" / f"{name}.png").is_file()
 
 
+@pytest.mark.slow  # about a minute per console-script run on a shared 2-core CPU
 def test_cli_benchmark_mode(prior_file, tmp_path):
     out = tmp_path / "bench"
     _run(["--model.prior", str(prior_file), "--writer.output_dir", str(out), "--data.limit", "2", "--data.crop", "32"])
@@ -314,6 +330,7 @@ def test_cli_benchmark_mode(prior_file, tmp_path):
     assert "trajectory/astronaut/kernel" in tags and len(ea.Images("trajectory/astronaut/kernel")) == 2
 
 
+@pytest.mark.slow  # about a minute per console-script run on a shared 2-core CPU
 def test_cli_real_mode(prior_file, tmp_path):
     spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=9)
     blurred, sharp, kernels = tmp_path / "blurred", tmp_path / "sharp", tmp_path / "kernels"

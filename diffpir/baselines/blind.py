@@ -8,7 +8,8 @@ used unchanged and never branches on the task:
    on an image pyramid of the grey ``y`` (factor ``1/sqrt(2)``), alternate an image step, L0-gradient deblurring
    with the current kernel (:func:`l0_deblur`: sharp edges, flat elsewhere, which is what makes the kernel
    identifiable), and the kernel step (:func:`estimate_kernel`) on the gradients of that image. The kernel is
-   upsampled from level to level and re-centred on its centre of mass.
+   upsampled from level to level and re-centred on its centre of mass; at the end it is moved so that its centre of
+   mass is the central pixel to sub-pixel accuracy (:func:`centre_kernel`).
 2. **DiffPIR with kernel refinement**: the sampler runs with a blur whose kernel is the current estimate; every
    ``refine_every`` steps (from the step whose timestep is at most ``refine_below``) the sampler's callback takes a
    kernel step given the data-corrected ``x0_hat`` and the new kernel is used by the next data steps.
@@ -54,6 +55,7 @@ __all__ = [
     "BlindResult",
     "BlindStepState",
     "align_images",
+    "centre_kernel",
     "coarse_to_fine_kernel",
     "estimate_kernel",
     "kernel_ncc",
@@ -112,6 +114,25 @@ def _centre_of_mass_shift(k: Tensor) -> Tensor:
         xs, xd = (slice(0, s - dx), slice(dx, s)) if dx >= 0 else (slice(-dx, s), slice(0, s + dx))
         out[i, yd, xd] = src[ys, xs]
     return out / out.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def centre_kernel(k: Tensor) -> Tensor:
+    """Kernels ``[N, s, s]`` moved (bilinear resampling, zeros shifted in) so that their centre of mass is the
+    central pixel exactly, renormalised to sum to one: the convention of the generated kernels, which fixes the
+    sub-pixel part of the shift ambiguity (the restored image then sits where the truth does, to within the
+    kernel error)."""
+    n, s, _ = k.shape
+    c = (s - 1) / 2
+    t = torch.arange(s, dtype=k.dtype, device=k.device)
+    mass = k.sum(dim=(1, 2)).clamp_min(1e-30)
+    cy = (k.sum(2) * t).sum(1) / mass
+    cx = (k.sum(1) * t).sum(1) / mass
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    gy = (yy[None] + (cy - c)[:, None, None]) * (2.0 / (s - 1)) - 1  # sample k at (i + cy - c, j + cx - c)
+    gx = (xx[None] + (cx - c)[:, None, None]) * (2.0 / (s - 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)
+    out = F.grid_sample(k[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+    return out.clamp_min(0) / out.sum(dim=(1, 2), keepdim=True).clamp_min(1e-30)
 
 
 def _resize_kernel(k: Tensor, size: int) -> Tensor:
@@ -397,6 +418,8 @@ class BlindDiffPIR(Method):
         alpha, beta, kernel_iterations, threshold: the kernel step (:func:`estimate_kernel`).
         refine_every: a kernel step given ``x0_hat`` every this many sampler steps (0: keep the initial kernel).
         refine_below: refine only at timesteps ``t <= refine_below`` (``x0_hat`` is blurry at high noise).
+        centre: move the initial kernel so that its centre of mass is the central pixel, to sub-pixel accuracy
+            (:func:`centre_kernel`; bilinear).
     """
 
     name = "blind_diffpir"
@@ -427,8 +450,9 @@ class BlindDiffPIR(Method):
         beta: float = 1e-3,
         kernel_iterations: int = 30,
         threshold: float = 0.05,
-        refine_every: int = 1,
+        refine_every: int = 0,
         refine_below: int = 400,
+        centre: bool = True,
     ):
         self.sampler_kwargs: dict[str, Any] = {
             "steps": steps,
@@ -460,6 +484,7 @@ class BlindDiffPIR(Method):
             "threshold": threshold,
             "refine_every": refine_every,
             "refine_below": refine_below,
+            "centre": bool(centre),
         }
         self.sampler = DiffPIR(NoiseSchedule.linear(), **self.sampler_kwargs)
         self.last_kernel: Tensor | None = None
@@ -516,7 +541,7 @@ class BlindDiffPIR(Method):
             k = torch.zeros(y.shape[0], size, size, dtype=torch.float64, device=y.device)
             k[:, size // 2, size // 2] = 1.0
             return k
-        return coarse_to_fine_kernel(
+        k = coarse_to_fine_kernel(
             y,
             size,
             levels=ka["levels"],
@@ -528,6 +553,7 @@ class BlindDiffPIR(Method):
             kernel_iterations=ka["kernel_iterations"],
             threshold=ka["threshold"],
         )
+        return centre_kernel(k) if ka["centre"] else k
 
     def solve(
         self,
