@@ -177,7 +177,7 @@ def _kernel_normal_terms(
     energy = (a_data * weight).sum(dim=(1, 2)) / (h * w)  # [N]
     a = a_data + (alpha * energy)[:, None, None] + (beta * energy)[:, None, None] * dd2
     # Frequencies the data do not see (e.g. the mean, on gradients) get K = 0 rather than 0 / 0 without weights.
-    a = a.clamp_min(1e-12 * float(a.amax()))
+    a = torch.maximum(a, 1e-12 * a.amax(dim=(1, 2), keepdim=True))  # per image: images stay independent
     return a, b, energy
 
 
