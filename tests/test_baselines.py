@@ -95,7 +95,7 @@ def inpaint(truth):
 # The registry
 # ---------------------------------------------------------------------------------------------------------
 def test_registry_holds_every_method():
-    assert set(METHODS) == {"diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical"}
+    assert set(METHODS) == {"diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical", "blind_diffpir"}
     for name, cls in METHODS.items():
         assert issubclass(cls, Method) and cls.name == name
 
@@ -384,6 +384,7 @@ FAST_ARGS = {
     "dpir": {"iterations": 3},
     "dpir_ffdnet": {"iterations": 2},
     "classical": {},
+    "blind_diffpir": {"steps": 3, "init_iterations": 1},
 }
 
 
@@ -402,6 +403,10 @@ def test_every_method_runs_on_every_paper_task(tiny_prior, task, name):
         pytest.skip("FFDNet weights not installed")
     spec, op, y, x = _task_batch(task)
     method = build_method(name, **FAST_ARGS[name])
+    if name == "blind_diffpir" and spec.family != "blur":  # a deblurring method: says so elsewhere
+        with pytest.raises(ValueError, match="kernel_size"):
+            method(y, op, tiny_prior, spec.sigma_n, generator=[gen(0), gen(1)])
+        return
     out = method(y, op, tiny_prior, spec.sigma_n, generator=[gen(0), gen(1)])
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
     # per-image generators: an image restores as it would alone, to round-off (any CPU)

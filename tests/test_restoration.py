@@ -201,7 +201,7 @@ def test_stable_seed_is_stable_and_distinct():
 @pytest.mark.parametrize("task", [t for t in TASKS if t not in ("deblur", "inpaint_mask")])
 def test_every_task_builds_a_batched_operator(task):
     spec = _spec(task, kernel_std_max=2.0 if task == "deblur_gaussian" else None)
-    if task == "deblur_motion":
+    if task in ("deblur_motion", "deblur_blind"):
         spec = _spec(task, kernel_size=9)
     h = w = 24
     params = [synthesize_params(spec, f"k{i}", h, w, seed=3) for i in range(2)]

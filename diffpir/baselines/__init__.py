@@ -8,10 +8,13 @@
   (:class:`DDNM`);
 - ``dpir``: DPIR-style plug-and-play HQS with the diffusion prior's denoiser (:class:`DPIR`);
 - ``dpir_ffdnet``: the same HQS with the pretrained FFDNet (:class:`DPIRFFDNet`, :func:`load_ffdnet`);
-- ``classical``: Wiener deconvolution, bicubic upsampling, harmonic fill, SURE-tuned smoothing (:class:`Classical`).
+- ``classical``: Wiener deconvolution, bicubic upsampling, harmonic fill, SURE-tuned smoothing (:class:`Classical`);
+- ``blind_diffpir``: blind deblurring, DiffPIR with the kernel estimated alongside the image (:class:`BlindDiffPIR`,
+  ``solve`` returns the image and the kernel).
 """
 
 from diffpir.baselines.base import Method, eps_denoiser, prior_denoiser
+from diffpir.baselines.blind import BlindDiffPIR, BlindResult, estimate_kernel, kernel_ncc
 from diffpir.baselines.classical import Classical, gaussian_smooth, harmonic_fill, wiener_deconvolve
 from diffpir.baselines.ddnm import DDNM
 from diffpir.baselines.diffpir_method import DiffPIRMethod
@@ -22,6 +25,8 @@ from diffpir.baselines.registry import METHODS, build_method, method_parameters
 
 __all__ = [
     "DDNM",
+    "BlindDiffPIR",
+    "BlindResult",
     "DPIR",
     "DPIRFFDNet",
     "DPS",
@@ -32,11 +37,13 @@ __all__ = [
     "Method",
     "build_method",
     "eps_denoiser",
+    "estimate_kernel",
     "ffdnet_available",
     "ffdnet_weights_path",
     "gaussian_smooth",
     "harmonic_fill",
     "hqs_schedule",
+    "kernel_ncc",
     "load_ffdnet",
     "method_parameters",
     "prior_denoiser",

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from diffpir.baselines.base import Method
+from diffpir.baselines.blind import BlindDiffPIR
 from diffpir.baselines.classical import Classical
 from diffpir.baselines.ddnm import DDNM
 from diffpir.baselines.diffpir_method import DiffPIRMethod
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "dpir": DPIR,
     "dpir_ffdnet": DPIRFFDNet,
     "classical": Classical,
+    "blind_diffpir": BlindDiffPIR,
 }
 
 

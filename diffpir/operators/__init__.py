@@ -7,6 +7,7 @@ operator). Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a s
 """
 
 from diffpir.operators.base import Operator, as_generator
+from diffpir.operators.blind import BlindBlur, delta_kernel
 from diffpir.operators.blur import Blur
 from diffpir.operators.fft import KernelOperator, as_kernel, psf2otf
 from diffpir.operators.generic import LinearOperator, NonlinearOperator
@@ -19,6 +20,7 @@ from diffpir.operators.sr import Bicubic, Downsample, bicubic_kernel, imresize_m
 __all__ = [
     "OPERATORS",
     "Bicubic",
+    "BlindBlur",
     "Blur",
     "Denoise",
     "Downsample",
@@ -31,6 +33,7 @@ __all__ = [
     "as_kernel",
     "bicubic_kernel",
     "box_mask",
+    "delta_kernel",
     "gaussian_kernel",
     "imresize_matrix",
     "load_kernel",

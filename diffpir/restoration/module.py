@@ -53,7 +53,7 @@ __all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook"]
 PriorPrecision = Literal["32", "bf16", "16"]
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 StepHook = Callable[[StepState], None]
-MethodName = Literal["diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical"]
+MethodName = Literal["diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical", "blind_diffpir"]
 METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 
 
@@ -68,7 +68,8 @@ class RestorationModule(L.LightningModule):
             sampler's hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only
             ``steps`` is passed on (to the methods that take it: ``dps``, ``ddnm``).
         method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
-            ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"`` or ``"classical"``.
+            ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"``, ``"classical"`` or ``"blind_diffpir"`` (blind deblurring:
+            takes all the sampler settings above, estimates the kernel, see :class:`~diffpir.baselines.BlindDiffPIR`).
         method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
             ``dps``, ``{"iterations": 24}`` for ``dpir``; see :mod:`diffpir.baselines`).
         prior_precision: ``"32"``, ``"bf16"`` or ``"16"``: the prior runs under ``torch.autocast`` with that dtype
@@ -147,6 +148,12 @@ class RestorationModule(L.LightningModule):
             }
             self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **sampler_args)
             self.method: Method = DiffPIRMethod(sampler=self.sampler)
+        elif getattr(METHODS[method], "shares_sampler_args", False):  # blind_diffpir: all sampler settings
+            shared = dict(steps=steps, lambda_=lambda_, zeta=zeta, skip=skip, t_start=t_start, eta=eta)
+            shared.update(guidance_scale=guidance_scale, clip_denoised=clip_denoised, init=init, output=output)
+            shared.update(batch_invariant=batch_invariant)
+            self.method = build_method(method, **{**shared, **method_args})
+            self.sampler = self.method
         else:
             shared = {"steps": steps} if "steps" in method_parameters(method) else {}
             self.method = build_method(method, **{**shared, **method_args})
@@ -276,7 +283,8 @@ class RestorationModule(L.LightningModule):
             bar.close()
         self.images_sampled += len(batch)
         restored = x.clamp(0, 1)
-        metrics = self.compute_metrics(restored, batch.x) if batch.x is not None else [{} for _ in batch.keys]
+        extras = self._extra_outputs()
+        metrics = self._metrics(restored, batch, extras)
         restored, y = restored.cpu(), batch.y.cpu()
         truth = batch.x.cpu() if batch.x is not None else None
         return [
@@ -288,9 +296,38 @@ class RestorationModule(L.LightningModule):
                 "metrics": metrics[i],
                 "seconds": seconds,
                 "nfe": self.method.nfe,
+                **({"extras": {name: v[i] for name, v in extras.items()}} if extras else {}),
             }
             for i, key in enumerate(batch.keys)
         ]
+
+    def _extra_outputs(self) -> dict[str, Tensor]:
+        """Per-image outputs of the method's last call besides the image (``{"kernels": [N, kh, kw]}`` for
+        ``blind_diffpir``), on the CPU; the writer saves them (``<output_dir>/<name>/<image>.npy`` and ``.png``)."""
+        get = getattr(self.method, "extra_outputs", None)
+        return {name: v.detach().cpu() for name, v in get().items()} if callable(get) else {}
+
+    def _metrics(self, restored: Tensor, batch: RestorationBatch, extras: dict[str, Tensor]) -> list[dict[str, float]]:
+        """:meth:`compute_metrics` against the truth (after the best integer alignment within the method's
+        ``align_shift`` pixels, border of that width left out), plus ``kernel_ncc`` when the method estimated a
+        kernel and the true one is known."""
+        if batch.x is None:
+            metrics: list[dict[str, float]] = [{} for _ in batch.keys]
+        else:
+            shift = int(getattr(self.method, "align_shift", 0))
+            a, b = restored, batch.x
+            if shift:
+                from diffpir.baselines.blind import align_images
+
+                a, b, _ = align_images(restored, batch.x, shift)
+            metrics = self.compute_metrics(a, b)
+        if "kernels" in extras and "kernel" in batch.params:
+            from diffpir.baselines.blind import kernel_ncc
+
+            ncc = kernel_ncc(extras["kernels"], batch.params["kernel"].cpu())
+            for m, v in zip(metrics, ncc.tolist()):
+                m["kernel_ncc"] = v
+        return metrics
 
     def forward(self, y: Tensor, op: DataOperator, sigma_n: float, keys: Sequence[str]) -> Tensor:
         """Restore ``y`` ``[N, C, h, w]`` through ``op`` outside a Trainer (per-key generators as in predict)."""

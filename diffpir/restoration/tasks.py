@@ -25,6 +25,7 @@ from torch import Tensor
 
 from diffpir.operators import (
     Bicubic,
+    BlindBlur,
     Blur,
     Denoise,
     Downsample,
@@ -54,6 +55,7 @@ Task = Literal[
     "deblur_gaussian",
     "deblur_motion",
     "deblur",
+    "deblur_blind",
     "sr_x4",
     "sr",
     "inpaint_box",
@@ -84,7 +86,10 @@ class Degradation:
 
     Attributes:
         task: ``deblur_gaussian`` (Gaussian kernel ``kernel_size``, std ``kernel_std``), ``deblur_motion`` (random
-            camera-shake kernel, ``motion_intensity``), ``deblur`` (the kernel file(s) in ``kernel``), ``sr_x4`` /
+            camera-shake kernel, ``motion_intensity``), ``deblur`` (the kernel file(s) in ``kernel``),
+            ``deblur_blind`` (a camera-shake kernel of at most ``kernel_size`` as ``deblur_motion``, unknown to the
+            method: its operator is a :class:`~diffpir.operators.BlindBlur`; in real mode ``kernel``, when given,
+            is the true kernel, for metrics only), ``sr_x4`` /
             ``sr`` (downsampling by ``scale``, 4 for ``sr_x4``; ``sr_kernel`` says how), ``inpaint_box`` (one
             missing ``box``), ``inpaint_random`` (pixels missing with probability ``missing``), ``inpaint_mask``
             (the mask file(s) in ``mask``) or ``denoise``.
@@ -185,7 +190,7 @@ def _per_key_file(path: str, key: str, what: str) -> Path:
 def _kernel(spec: Degradation, key: str, g: torch.Generator) -> Tensor:
     if spec.kernel is not None:
         return load_kernel(_per_key_file(spec.kernel, key, "kernel"))
-    if spec.task == "deblur_motion":
+    if spec.task in ("deblur_motion", "deblur_blind"):
         return motion_kernel(spec.kernel_size, spec.motion_intensity, generator=g)
     std = spec.kernel_std
     if spec.kernel_std_max is not None:
@@ -223,6 +228,8 @@ def load_params(spec: Degradation, key: str, h: int, w: int) -> dict[str, Tensor
     Blur with a random kernel (``deblur_motion``, or a Gaussian with ``kernel_std_max``) needs ``kernel``;
     inpainting needs ``mask``. Raises ``ValueError`` saying what is missing.
     """
+    if spec.task == "deblur_blind":  # the kernel is unknown; a given one is the truth for metrics
+        return {} if spec.kernel is None else {"kernel": load_kernel(_per_key_file(spec.kernel, key, "kernel"))}
     if spec.uses_kernel:
         if spec.kernel is None and (spec.task == "deblur_motion" or spec.kernel_std_max is not None):
             raise ValueError(f"real mode with task {spec.task!r} needs the blur kernel: set kernel to a file or folder")
@@ -239,6 +246,8 @@ def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
     ``[N, 1, H, W]``; absent for bicubic SR and denoising).
     """
     fam = spec.family
+    if spec.task == "deblur_blind":  # the method sees only the support size, never the true kernel
+        return BlindBlur(spec.kernel_size)
     if fam == "blur":
         return Blur(params["kernel"])
     if fam == "sr":
@@ -254,7 +263,10 @@ def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:
 def degrade(spec: Degradation, x: Tensor, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
     """Benchmark mode: ``y = H(x) + sigma_n n`` for one image ``x`` ``[C, H, W]`` in [0, 1], with ``n`` drawn
     from ``generator``. ``y`` is not clipped (a measurement, not a picture)."""
-    op = build_operator(spec, {k: v[None] for k, v in params.items()})
+    if spec.task == "deblur_blind":
+        op = Blur(params["kernel"][None])  # the hidden true kernel
+    else:
+        op = build_operator(spec, {k: v[None] for k, v in params.items()})
     y = op(x[None].float())[0]
     if spec.sigma_n > 0:
         y = y + spec.sigma_n * torch.randn(y.shape, generator=generator, dtype=y.dtype)

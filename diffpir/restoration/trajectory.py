@@ -7,7 +7,9 @@ For each chosen image (by key, or the first ``first_k`` keys of the data set) an
   last step's value is the PSNR of the restored image), ``trajectory/<key>/psnr_pred`` (of the prior's
   ``x0_pred``), ``trajectory/<key>/residual`` and ``trajectory/<key>/residual_pred`` (the data residual
   ``||y - H x0||_2`` of either), ``trajectory/<key>/t`` (the timestep);
-- an image (every ``every``-th step and the last) ``trajectory/<key>/grid``: x_t | x0_pred | x0_hat.
+- an image (every ``every``-th step and the last) ``trajectory/<key>/grid``: x_t | x0_pred | x0_hat;
+- with a method that estimates the blur kernel (``blind_diffpir``), at the same steps ``trajectory/<key>/kernel``:
+  the kernel estimate after the step (scaled to its maximum, 4x enlarged); the residuals then use that estimate.
 
 PSNRs need the truth (benchmark mode, or real mode with ``truth``); residuals are always logged.
 
@@ -26,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from diffpir.io import safe_output_name
+from diffpir.operators import Blur
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import StepState
 
@@ -119,8 +122,10 @@ class TrajectoryLogger(Callback):
             step = state.index
             x0_hat = ((state.x0_hat + 1) / 2).float()
             x0_pred = ((state.x0_pred + 1) / 2).float()
-            res_hat = _residual(batch.op, y, x0_hat, sel)
-            res_pred = _residual(batch.op, y, x0_pred, sel)
+            kernel = getattr(state, "kernel", None)  # blind methods: the current kernel estimate
+            op = batch.op if kernel is None else Blur(kernel.to(y.device, y.dtype), normalize=False)
+            res_hat = _residual(op, y, x0_hat, sel)
+            res_pred = _residual(op, y, x0_pred, sel)
             if truth is not None:
                 p_hat = psnr(x0_hat[sel].clamp(0, 1), truth[sel])
                 p_pred = psnr(x0_pred[sel].clamp(0, 1), truth[sel])
@@ -134,6 +139,8 @@ class TrajectoryLogger(Callback):
                     tb.add_scalar(f"{tag}/psnr_pred", float(p_pred[j]), step)
                 if step % every == 0 or step == nfe - 1:
                     tb.add_image(f"{tag}/grid", _grid(state.x_t[i], x0_pred[i], x0_hat[i]), step)
+                    if kernel is not None:
+                        tb.add_image(f"{tag}/kernel", _kernel_image(kernel[i if kernel.shape[0] > 1 else 0]), step)
 
         return log
 
@@ -142,6 +149,12 @@ def _residual(op, y: Tensor, x: Tensor, sel: Tensor) -> Tensor:
     """``||y_i - H(x)_i||_2`` for the images at ``sel`` (H applied to the whole batch: per-image params)."""
     r = y - op(x)
     return r[sel].flatten(1).norm(dim=1)
+
+
+def _kernel_image(k: Tensor) -> Tensor:
+    """A kernel ``[kh, kw]`` as a ``[1, 4 kh, 4 kw]`` image in [0, 1] (scaled to its maximum)."""
+    img = (k / k.amax().clamp_min(1e-12)).float().cpu()[None, None]
+    return torch.nn.functional.interpolate(img, scale_factor=4, mode="nearest")[0].clamp(0, 1)
 
 
 def _grid(x_t: Tensor, x0_pred: Tensor, x0_hat: Tensor) -> Tensor:

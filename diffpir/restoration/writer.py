@@ -5,6 +5,8 @@ Layout of ``output_dir``::
     restored/<name>.png      the restored image (always)
     degraded/<name>.png      the measurement y, clipped to [0, 1] (save_degraded)
     grid/<name>.png          degraded | restored | truth side by side (save_grid; y upsampled for SR)
+    kernels/<name>.npy       the estimated blur kernel (blind_diffpir: 2-D float32, sums to one), and
+    kernels/<name>.png       the same for viewing (scaled to its maximum, 4x nearest-neighbour enlarged)
     metrics/rank<r>.jsonl    per-rank part files, one JSON row per image (appended, never rewritten)
     metrics.csv              merged rows, one per image, sorted by key
     summary.json             mean of each metric, counts, the run's settings
@@ -58,7 +60,7 @@ __all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_ro
 
 log = logging.getLogger(__name__)
 
-METRIC_ORDER = ("psnr", "ssim", "lpips")
+METRIC_ORDER = ("psnr", "ssim", "lpips", "kernel_ncc")
 FAILED = "failed"
 
 
@@ -162,6 +164,24 @@ def merge_metrics(
     return summary
 
 
+def write_extra_output(folder: Path, name: str, value: Tensor) -> None:
+    """A method's extra per-image output (e.g. an estimated kernel ``[kh, kw]``) as ``<folder>/<name>.npy``
+    (float32) and a viewable ``<folder>/<name>.png`` (scaled to its maximum; 2-D arrays enlarged 4x), both
+    written atomically."""
+    import numpy as np
+
+    arr = value.detach().cpu().float()
+    with atomic_output(folder / f"{name}.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr.numpy())
+    img = arr if arr.ndim == 3 else arr[None]
+    if img.ndim == 3 and img.shape[0] in (1, 3):
+        img = img / img.abs().amax().clamp_min(1e-12)
+        if arr.ndim == 2:
+            img = F.interpolate(img[None], scale_factor=4, mode="nearest")[0]
+        write_png_atomic(img.clamp(0, 1), folder / f"{name}.png")
+
+
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else str(v)
@@ -260,6 +280,8 @@ class RestorationWriter(BasePredictionWriter):
         y = item["degraded"].clamp(0, 1)
         if self.save_degraded:
             write_png_atomic(y, self.path("degraded", key))
+        for name, value in (item.get("extras") or {}).items():
+            write_extra_output(self.output_dir / name, safe_output_name(key), value)
         if self.save_grid:
             h, w = restored.shape[-2:]
             panels = [_upsample_to(y, h, w), restored.clamp(0, 1)]

@@ -1,0 +1,395 @@
+"""Blind deblurring (``blind_diffpir``): the kernel step against exact maths, the method end to end on a tiny prior,
+and ``configs/restore/deblur_blind.yaml`` through the ``diffpir-restore`` console script in both data modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffpir.baselines import METHODS, BlindDiffPIR, build_method
+from diffpir.baselines.blind import (
+    BlindStepState,
+    align_images,
+    centre_kernel,
+    estimate_kernel,
+    kernel_from_otf_space,
+    kernel_least_squares,
+    kernel_ncc,
+    project_simplex,
+)
+from diffpir.io import write_png_atomic
+from diffpir.models import build_unet
+from diffpir.operators import BlindBlur, Blur, motion_kernel
+from diffpir.prior import Prior, export_prior
+from diffpir.restoration.tasks import Degradation, build_operator, degrade, image_generator, synthesize_params
+from diffpir.schedule import NoiseSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "restore" / "deblur_blind.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small FFTs: one thread is far faster than several on a shared machine (results do not change)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def edges_image(n: int = 1, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Piecewise-constant images of random rectangles plus faint texture ``[n, c, size, size]`` in [0, 1]
+    (float64): sharp edges in every direction, a spectrum without zeros."""
+    g = gen(seed)
+    x = torch.full((n, c, size, size), 0.5, dtype=torch.float64)
+    for i in range(n):
+        for _ in range(12):
+            t, l_ = torch.randint(0, size - 4, (2,), generator=g).tolist()
+            h, w = torch.randint(3, size // 2, (2,), generator=g).tolist()
+            x[i, :, t : t + h, l_ : l_ + w] = torch.rand(c, 1, 1, generator=g, dtype=torch.float64)
+    return (x + 0.02 * torch.rand(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+
+
+def grad_images(x: torch.Tensor) -> list[torch.Tensor]:
+    """Circular forward differences (horizontal, vertical), computed directly."""
+    return [torch.roll(x, -1, dims=-1) - x, torch.roll(x, -1, dims=-2) - x]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel step
+# ---------------------------------------------------------------------------------------------------------
+def test_project_simplex_is_the_euclidean_projection():
+    v = torch.randn(6, 25, generator=gen(0), dtype=torch.float64) * 0.3
+    p = project_simplex(v)
+    assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(6, dtype=torch.float64))
+    # variational inequality of the projection: <v - p, q - p> <= 0 for every q in the simplex
+    q = torch.rand(6, 200, 25, generator=gen(1), dtype=torch.float64)
+    q = q / q.sum(-1, keepdim=True)
+    assert ((v - p)[:, None] * (q - p[:, None])).sum(-1).max() <= 1e-12
+    on = torch.rand(3, 9, generator=gen(2), dtype=torch.float64)
+    on = on / on.sum(1, keepdim=True)
+    assert torch.allclose(project_simplex(on), on)
+
+
+@pytest.mark.parametrize("gradients", [True, False])
+def test_least_squares_kernel_solves_the_normal_equations(gradients):
+    """The Fourier closed form equals the dense solution of the regularised least squares over all H x W kernels."""
+    h = w = 8
+    x = torch.rand(1, 2, h, w, generator=gen(3), dtype=torch.float64)
+    y = torch.rand(1, 2, h, w, generator=gen(4), dtype=torch.float64)
+    alpha, beta = 0.03, 0.02
+    full = kernel_least_squares(x, y, alpha, beta, gradients)[0].reshape(-1)
+
+    def conv_matrix(img: torch.Tensor) -> torch.Tensor:
+        """M with M @ k.flatten() = circular convolution img * k (k in psf2otf layout)."""
+        cols = [torch.roll(img, shifts=(q // w, q % w), dims=(-2, -1)).reshape(-1) for q in range(h * w)]
+        return torch.stack(cols, dim=1)
+
+    xs = grad_images(x[0]) if gradients else [x[0]]
+    ys = grad_images(y[0]) if gradients else [y[0]]
+    mats = [conv_matrix(xi[c]) for xi in xs for c in range(2)]
+    rhs = [yi[c].reshape(-1) for yi in ys for c in range(2)]
+    energy = sum(float(g.square().sum()) for g in xs)  # the energy of what is fitted
+    eye = torch.eye(h * w, dtype=torch.float64)
+    dmats = [  # D_d as matrices: column q is D_d of the basis kernel e_q
+        torch.stack([gi.reshape(-1) for gi in grad_images(eye.reshape(h * w, h, w))[d]], dim=1) for d in range(2)
+    ]
+    normal = sum(m.T @ m for m in mats) + alpha * energy * eye + beta * energy * sum(d.T @ d for d in dmats)
+    dense = torch.linalg.solve(normal, sum(m.T @ r for m, r in zip(mats, rhs)))
+    assert torch.allclose(full, dense, atol=1e-10, rtol=1e-8)
+
+
+def test_noiseless_kernel_is_recovered_exactly():
+    """y = k * x without noise and weights: the least-squares kernel is k itself; the constraints hold for it, so
+    the projected iterations leave it there."""
+    x = edges_image(2, seed=5)
+    k = torch.stack([motion_kernel(9, 0.5, generator=gen(s)).double() for s in (6, 7)])
+    y = Blur(k, normalize=False)(x)
+    closed = estimate_kernel(x, y, 9, alpha=0.0, beta=0.0, iterations=0, gradients=False)
+    assert torch.allclose(closed, k, atol=1e-9)
+    # on gradients the mean of k is unseen: sum-to-one fixes it; the iterations converge to k
+    iterated = estimate_kernel(x, y, 9, alpha=0.0, beta=0.0, iterations=300, gradients=True)
+    assert torch.allclose(iterated, k, atol=2e-4)
+    assert float(kernel_ncc(iterated, k).min()) > 0.9999
+
+
+def test_constrained_kernel_step_meets_the_kkt_conditions():
+    """With noise and weights: non-negative, sums to one, zero off the support, and the KKT conditions of
+    min f(k) on the simplex hold with f's gradient taken by autograd from a direct implementation of f."""
+    size, hw = 9, 24
+    x = edges_image(1, seed=8, size=hw)
+    k_true = motion_kernel(size, 0.5, generator=gen(9)).double()
+    y = Blur(k_true)(x) + 0.01 * torch.randn(x.shape, generator=gen(10), dtype=torch.float64)
+    alpha, beta = 1e-3, 1e-3
+    k = estimate_kernel(x, y, size, alpha, beta, iterations=1000, threshold=0.0)[0]
+    assert (k >= 0).all() and abs(float(k.sum()) - 1) < 1e-12 and k.shape == (size, size)
+
+    energy = sum(float(g.square().sum()) for g in grad_images(x))
+
+    def objective(kk: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(hw, hw, dtype=torch.float64)
+        pad = pad.index_put((torch.arange(size)[:, None], torch.arange(size)[None, :]), kk)
+        pad = torch.roll(pad, (-(size // 2), -(size // 2)), (0, 1))  # centre to (0, 0)
+        kf = torch.fft.fft2(pad)
+        conv = [torch.fft.ifft2(torch.fft.fft2(g) * kf).real for g in grad_images(x)]
+        data = sum(((c - d) ** 2).sum() for c, d in zip(conv, grad_images(y)))
+        return data + alpha * energy * (kk**2).sum() + beta * energy * sum((g**2).sum() for g in grad_images(pad))
+
+    kk = k.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(objective(kk), kk)
+    mu = float(g[k > 1e-9].mean())
+    scale = float(g.abs().max())
+    assert float((g[k > 1e-9] - mu).abs().max()) < 1e-3 * scale  # equal gradient on the active entries
+    assert float(g.min()) > mu - 1e-3 * scale  # no entry at zero would lower f
+    # and it is no worse than the truth or the projected closed form
+    start = estimate_kernel(x, y, size, alpha, beta, iterations=0)[0]
+    assert float(objective(k)) <= min(float(objective(k_true)), float(objective(start))) + 1e-9
+
+
+def test_kernel_ncc_and_alignment():
+    k = motion_kernel(9, 0.5, generator=gen(11))
+    shifted = torch.zeros(13, 13)
+    shifted[1:10, 3:12] = k
+    assert abs(float(kernel_ncc(shifted, k)[0]) - 1) < 1e-6
+    box = torch.full((3, 3), 1 / 9)
+    delta = torch.zeros(3, 3)
+    delta[0, 2] = 1
+    assert abs(float(kernel_ncc(box, delta)[0]) - 1 / 3) < 1e-9  # (1/9) / (1/3 * 1)
+    x = torch.rand(2, 3, 20, 20, generator=gen(12))
+    moved = torch.roll(x, shifts=(2, -1), dims=(-2, -1))
+    a, b, shifts = align_images(moved, x, 3)
+    assert shifts == [(2, -1), (2, -1)] and torch.equal(a, b) and a.shape[-2:] == (14, 14)
+
+
+def test_centre_kernel_puts_the_centre_of_mass_on_the_central_pixel():
+    k = torch.zeros(3, 11, 11, dtype=torch.float64)
+    k[:, 3:7, 4:9] = torch.rand(3, 4, 5, generator=gen(24), dtype=torch.float64)  # off centre, away from the border
+    out = centre_kernel(k)
+    t = torch.arange(11, dtype=torch.float64)
+    assert torch.allclose(out.sum((1, 2)), torch.ones(3, dtype=torch.float64)) and (out >= 0).all()
+    assert torch.allclose((out.sum(2) * t).sum(1), torch.full((3,), 5.0, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose((out.sum(1) * t).sum(1), torch.full((3,), 5.0, dtype=torch.float64), atol=1e-9)
+    two = torch.zeros(1, 5, 5, dtype=torch.float64)
+    two[0, 2, 2:4] = 0.5  # centre of mass half a pixel right: bilinear gives 1/4, 1/2, 1/4
+    assert torch.allclose(centre_kernel(two)[0, 2, 1:4], torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64))
+
+
+def test_otf_space_crop_inverts_the_padding():
+    from diffpir.operators import psf2otf
+
+    k = torch.rand(2, 5, 5, generator=gen(13), dtype=torch.float64)
+    full = torch.fft.irfft2(psf2otf(k, 12, 16)[:, 0], s=(12, 16))
+    assert torch.allclose(kernel_from_otf_space(full, 5), k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method, end to end on a tiny prior
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_prior() -> Prior:
+    torch.manual_seed(0)
+    return Prior(build_unet("tiny"), NoiseSchedule.linear()).eval()
+
+
+def test_blind_method_estimates_the_kernel_and_never_reads_it(tiny_prior):
+    x = edges_image(2, size=40, seed=14).float()
+    k = torch.stack([motion_kernel(11, 0.5, generator=gen(s)) for s in (15, 16)])
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(17))
+    method = build_method("blind_diffpir", steps=3, t_start=200)
+    assert isinstance(method, BlindDiffPIR) and METHODS["blind_diffpir"] is BlindDiffPIR and method.nfe == 3
+    states = []
+    res = method.solve(y, BlindBlur(11), tiny_prior, 0.01, generator=[gen(1), gen(2)], callback=states.append)
+    assert res.image.shape == x.shape and res.kernel.shape == (2, 11, 11)
+    assert (res.kernel >= 0).all() and torch.allclose(res.kernel.sum((1, 2)), torch.ones(2), atol=1e-5)
+    assert float(kernel_ncc(res.kernel, k).min()) > 0.8
+    # the trajectory sees the kernel of every step
+    assert len(states) == 3 and all(isinstance(s, BlindStepState) and s.kernel.shape == (2, 11, 11) for s in states)
+    # __call__ is the same restoration; a Blur with any kernel values gives the same result (only its size is read)
+    other = Blur(torch.rand(2, 11, 11, generator=gen(18)), normalize=False)
+    again = method(y, other, tiny_prior, 0.01, generator=[gen(1), gen(2)])
+    assert torch.allclose(again, res.image) and torch.allclose(method.last_kernel, res.kernel)
+    # the restoration is consistent with its kernel: the blurred restoration is close to y
+    resid = (Blur(res.kernel, normalize=False)(res.image.clamp(0, 1)) - y).square().mean().sqrt()
+    assert float(resid) < float((y - x.mean()).square().mean().sqrt()) / 2
+
+
+def test_kernel_refinement_during_sampling_keeps_the_constraints(tiny_prior):
+    x = edges_image(1, size=32, seed=19).float()
+    k = motion_kernel(9, 0.5, generator=gen(20))
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(21))
+    method = BlindDiffPIR(steps=4, t_start=300, kernel_size=9, init_iterations=0, refine_every=1, refine_below=999)
+    states = []
+    res = method.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(0), callback=states.append)
+    assert [s.refined for s in states] == [True, True, True, False]  # not after the last step
+    prev = torch.zeros(1, 9, 9, dtype=torch.float64)
+    prev[0, 4, 4] = 1.0  # init_iterations=0: the identity
+    for s in states[:3]:  # each refinement is the kernel step given that step's x0_hat, warm-started
+        expected = estimate_kernel((s.x0_hat + 1) / 2, y, 9, 1e-3, 1e-3, 30, 0.05, init=prev)
+        assert torch.allclose(s.kernel.double(), expected, atol=1e-6)
+        prev = s.kernel.double()
+    assert torch.equal(states[3].kernel, states[2].kernel)
+    assert (res.kernel >= 0).all() and abs(float(res.kernel.sum()) - 1) < 1e-5
+
+
+def test_blind_task_hides_the_kernel():
+    spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=15)
+    params = synthesize_params(spec, "img", 32, 32, seed=0)
+    assert params["kernel"].shape == (15, 15)
+    motion = synthesize_params(Degradation(task="deblur_motion", kernel_size=15), "img", 32, 32, seed=0)
+    assert torch.equal(params["kernel"], motion["kernel"])  # deblur_motion's kernel generator
+    op = build_operator(spec, {k: v[None] for k, v in params.items()})
+    assert isinstance(op, BlindBlur) and op.kernel_size == 15
+    x = torch.rand(3, 32, 32, generator=gen(22))
+    y = degrade(spec, x, params, gen(23))
+    expected = Blur(params["kernel"])(x[None])[0] + 0.01 * torch.randn(3, 32, 32, generator=gen(23))
+    assert torch.allclose(y, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config through the console script, both data modes
+# ---------------------------------------------------------------------------------------------------------
+def _restore_exe() -> str:
+    exe = Path(sys.executable).with_name("diffpir-restore")
+    return str(exe) if exe.is_file() else (shutil.which("diffpir-restore") or "diffpir-restore")
+
+
+@pytest.fixture(scope="module")
+def prior_file(tiny_prior, tmp_path_factory) -> Path:
+    return export_prior(tiny_prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
+
+
+FAST = [
+    "--model.steps",
+    "2",
+    "--model.lpips",
+    "false",
+    "--model.method_args.init_iterations",
+    "2",
+    "--data.degradation.kernel_size",
+    "9",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trajectory.every",
+    "1",
+]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [_restore_exe(), "predict", "--config", str(CONFIG), *args, *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _check_kernels(out: Path, names: list[str]) -> None:
+    for name in names:
+        k = np.load(out / "kernels" / f"{name}.npy")
+        assert k.ndim == 2 and k.shape == (9, 9) and (k >= 0).all() and abs(float(k.sum()) - 1) < 1e-4
+        assert (out / "kernels" / f"{name}.png").is_file()
+
+
+@pytest.mark.slow  # about a minute per console-script run on a shared 2-core CPU
+def test_cli_benchmark_mode(prior_file, tmp_path):
+    out = tmp_path / "bench"
+    _run(["--model.prior", str(prior_file), "--writer.output_dir", str(out), "--data.limit", "2", "--data.crop", "32"])
+    _check_kernels(out, ["astronaut", "chelsea"])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"psnr", "ssim", "kernel_ncc"} <= set(header) and len(rows) == 3
+    ncc = [float(r.split(",")[header.index("kernel_ncc")]) for r in rows[1:]]
+    assert all(0 < v <= 1 + 1e-9 for v in ncc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 2 and summary["settings"]["model"]["method"] == "blind_diffpir"
+    # the kernel estimate per logged step in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    tags = ea.Tags()["images"]
+    assert "trajectory/astronaut/kernel" in tags and len(ea.Images("trajectory/astronaut/kernel")) == 2
+
+
+@pytest.mark.slow  # about a minute per console-script run on a shared 2-core CPU
+def test_cli_real_mode(prior_file, tmp_path):
+    spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=9)
+    blurred, sharp, kernels = tmp_path / "blurred", tmp_path / "sharp", tmp_path / "kernels"
+    kernels.mkdir()
+    for i, name in enumerate(["a", "b"]):
+        x = edges_image(1, size=32, seed=30 + i)[0].float()
+        params = synthesize_params(spec, name, 32, 32, seed=0)
+        y = degrade(spec, x, params, image_generator(0, name, "noise"))
+        write_png_atomic(y.clamp(0, 1), blurred / f"{name}.png")
+        write_png_atomic(x, sharp / f"{name}.png")
+        np.save(kernels / f"{name}.npy", params["kernel"].numpy())
+    common = ["--model.prior", str(prior_file), "--data.mode", "real", "--data.images", str(blurred)]
+    # without the truth: restorations and kernels, no metrics
+    out = tmp_path / "real"
+    _run([*common, "--writer.output_dir", str(out)])
+    _check_kernels(out, ["a", "b"])
+    assert json.loads((out / "summary.json").read_text())["count_with_truth"] == 0
+    # with the truth and the true kernels: image metrics and kernel NCC
+    out2 = tmp_path / "real_truth"
+    _run(
+        [
+            *common,
+            "--data.truth",
+            str(sharp),
+            "--data.degradation.kernel",
+            str(kernels),
+            "--writer.output_dir",
+            str(out2),
+        ]
+    )
+    _check_kernels(out2, ["a", "b"])
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["count_with_truth"] == 2 and 0 < summary["mean"]["kernel_ncc"] <= 1 + 1e-9
+
+
+def test_bench_script_smoke(prior_file, tmp_path):
+    """bench/blind_deblur.py end to end on stand-in photos and the tiny prior: every row, the goals, the files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("blind_deblur", ROOT / "bench" / "blind_deblur.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for i, name in enumerate(["motorcycle", "china", "flower"]):
+        write_png_atomic(edges_image(1, size=48, seed=40 + i)[0].float(), tmp_path / "data" / "eval" / f"{name}.png")
+    out = tmp_path / "results"
+    args = ["--prior", str(prior_file), "--data", str(tmp_path / "data"), "--size", "40", "--crops", "1"]
+    args += ["--steps", "2", "--method-args", '{"init_iterations": 1}', "--out-dir", str(out)]
+    assert bench.main(args) == 0
+    res = json.loads((out / "blind_deblur.json").read_text())
+    assert res["meta"]["images"] == 3 and set(res["rows"]) == set(bench.ROWS)
+    assert len(res["goals"]) == 3 and (out / "blind_deblur.md").is_file()
+    from diffpir.metrics import psnr
+
+    crops = dict(bench.crops("eval", tmp_path / "data", 40, 1))
+    spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=31, motion_intensity=0.5)
+    for row in res["per_image"]:
+        assert 0 < row["blind_diffpir"]["kernel_ncc"] <= 1 + 1e-9
+        # the blurred row is the CLI's benchmark measurement, scored as documented (aligned, uint8 PSNR)
+        x = crops[row["key"]]
+        y = degrade(spec, x, synthesize_params(spec, row["key"], 40, 40, 0), image_generator(0, row["key"], "noise"))
+        a, b, _ = align_images(y[None].clamp(0, 1), x[None], 4)
+        assert abs(row["blurred"]["psnr"] - float(psnr(a, b)[0])) < 1e-9
