@@ -308,15 +308,17 @@ class DiffusionModule(LightningModule):
             metric.update(-10.0 * torch.log10(mse))
 
     def on_validation_epoch_end(self) -> None:
+        # MeanMetric.compute() already reduces over the ranks (the same value on each, so every rank takes the
+        # same branch below); sync_dist=True says so to Lightning, whose mean of equal values leaves them as is.
         for (lo, hi), metric in zip(self.bucket_edges, self.val_bucket_loss):
             value = metric.compute()
             metric.reset()
             if torch.isfinite(value):
-                self.log(f"val/loss_t{lo}-{hi}", value)
+                self.log(f"val/loss_t{lo}-{hi}", value, sync_dist=True)
         for sigma, metric in zip(self.val_sigmas, self.val_psnr):
             value = metric.compute()
             metric.reset()
-            self.log(f"val/psnr_sigma{sigma:g}", value)
+            self.log(f"val/psnr_sigma{sigma:g}", value, sync_dist=True)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
