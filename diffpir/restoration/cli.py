@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -37,6 +38,7 @@ from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule
 from diffpir.restoration.trajectory import TrajectoryLogger
 from diffpir.restoration.writer import RestorationWriter, write_text_atomic
+from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console
 
 __all__ = ["USER_ERRORS", "RestoreCLI", "build_cli", "main", "report_error"]
 
@@ -57,6 +59,13 @@ class RestoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
         parser.add_lightning_class_args(TrajectoryLogger, "trajectory")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        from diffpir.training.cli import watch_launched_processes
+
+        trainer = super().instantiate_trainer(**kwargs)
+        watch_launched_processes(trainer)
+        return trainer
 
     def predict(self, model, datamodule=None, return_predictions: bool | None = None, ckpt_path=None, **kwargs):
         """``Trainer.predict`` without keeping the predictions in memory (the writer stores them)."""
@@ -83,7 +92,7 @@ class RestoreCLI(LightningCLI):
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:
     """The CLI object (``run=False``: parse and instantiate only, e.g. to test a config)."""
-    kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
+    kwargs.setdefault("trainer_defaults", {**TRAINER_DEFAULTS, "enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault("save_config_callback", None)
     kwargs.setdefault("seed_everything_default", False)
     kwargs.setdefault("auto_configure_optimizers", False)
@@ -134,6 +143,8 @@ def main(args: Sequence[str] | None = None) -> None:
     Exits with status 1 when images could not be restored (see ``failed.json``) or when the run could not start
     (one-line message, see the module docstring); 2 for a wrong option or config key."""
     _log_to_stderr()
+    quiet_console()
+    install_stop_watchdog()
     try:
         cli = build_cli(None if args is None else list(args))
     except USER_ERRORS as err:

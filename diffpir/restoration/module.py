@@ -246,8 +246,12 @@ class RestorationModule(L.LightningModule):
             from tqdm.auto import tqdm
 
             rank_zero = self._trainer is None or self._trainer.is_global_zero
+            # disable=None: tqdm draws on a terminal only, never \r redraws into a log file
             bar = tqdm(
-                total=self.method.nfe, desc=f"sampling {len(batch)} image(s)", leave=False, disable=not rank_zero
+                total=self.method.nfe,
+                desc=f"sampling {len(batch)} image(s)",
+                leave=False,
+                disable=None if rank_zero else True,
             )
 
         def callback(state: StepState) -> None:

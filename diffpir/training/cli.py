@@ -17,12 +17,21 @@ import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
+from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
+
+
+def watch_launched_processes(trainer: Trainer) -> None:
+    """Let the stop watchdog (:func:`diffpir.utils.install_stop_watchdog`) find the DDP processes that
+    ``trainer``'s launcher starts, to forward SIGTERM to them."""
+    set_child_processes(lambda: [p.pid for p in getattr(trainer.strategy.launcher, "procs", None) or []])
 
 
 class DiffpirCLI(LightningCLI):
@@ -41,6 +50,11 @@ class DiffpirCLI(LightningCLI):
             "--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)"
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        watch_launched_processes(trainer)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         threads = int(config.get("num_threads") or 0)
@@ -51,6 +65,7 @@ class DiffpirCLI(LightningCLI):
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> DiffpirCLI:
     """The LightningCLI object (``run=False``: parse and instantiate only; then call ``cli.trainer.fit``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault("trainer_defaults", {"enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault(
         "parser_kwargs",
         {
@@ -94,6 +109,8 @@ def export_main(argv: Sequence[str]) -> Path:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``diffpir-train``."""
     argv = list(sys.argv[1:] if args is None else args)
+    quiet_console()
+    install_stop_watchdog()
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])
