@@ -112,36 +112,55 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+DEADLOCK = """
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback
+
+
+class Deadlock(Callback):
+    \"\"\"At step 2 both ranks wait in a C++ receive that no rank sends: a collective that never completes.\"\"\"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            Path(f"blocked{trainer.global_rank}").touch()
+            dist.recv(torch.zeros(1), src=1 - trainer.global_rank)
+"""
+
+
 @pytest.mark.slow
-def test_sigterm_stops_every_ddp_process(tmp_path):
+def test_sigterm_stops_ddp_processes_blocked_in_a_collective(tmp_path):
+    """SIGTERM to the launching process, as ``kill PID`` or a scheduler sends it, while both ranks are blocked inside
+    a collective (where no Python signal handler can run): every process ends, with status 128 + 15."""
     images = photos(tmp_path / "photos")
+    (tmp_path / "deadlock_cb.py").write_text(DEADLOCK)
     cmd = [console_script("diffpir-train"), "fit", "--config", str(SMOKE), "--data.data_dir", str(images)]
     cmd += "--data.patches_per_image 4 --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp".split()
-    cmd += ["--trainer.max_steps", "100000"]
+    cmd += ["--trainer.max_steps", "100", "--trainer.callbacks+=deadlock_cb.Deadlock"]
+    extra = env(DIFFPIR_STOP_GRACE="5")
+    extra["PYTHONPATH"] = os.pathsep.join([str(tmp_path), extra["PYTHONPATH"]])
     proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env(DIFFPIR_STOP_GRACE="10"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+        cmd, cwd=tmp_path, env=extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         deadline = time.monotonic() + TIMEOUT
         workers: list[int] = []
         while time.monotonic() < deadline and proc.poll() is None:
             workers = workers or _children(proc.pid)
-            if workers and list((tmp_path / "runs" / "smoke").glob("version_0/samples/*.png")):
-                break  # both processes are training and validating
-            time.sleep(1.0)
-        assert proc.poll() is None and workers, "the run did not start"
-        proc.send_signal(signal.SIGTERM)  # to the launching process only, as `kill PID` or a scheduler does
-        proc.wait(timeout=120)
+            if workers and (tmp_path / "blocked0").exists() and (tmp_path / "blocked1").exists():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and workers, "the run did not reach the deadlock: " + proc.stderr.read().decode()
+        time.sleep(1.0)  # both ranks are inside dist.recv now
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not any(_alive(p) for p in workers), "a DDP worker outlived SIGTERM"
-        assert proc.returncode != 0
+        assert proc.returncode == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
