@@ -36,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule
+from diffpir.restoration.tasks import Degradation, check_run
 from diffpir.restoration.trajectory import TrajectoryLogger
 from diffpir.restoration.writer import RestorationWriter, write_text_atomic
 from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console
@@ -59,6 +60,21 @@ class RestoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
         parser.add_lightning_class_args(TrajectoryLogger, "trajectory")
+
+    def before_instantiate_classes(self) -> None:
+        """Check what concerns the whole run before anything (the prior first) is loaded: one error, naming the
+        option, instead of one per image."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data") or {}
+        spec = data.get("degradation")
+        try:
+            if spec is None:
+                degradation = Degradation()
+            else:
+                degradation = Degradation(**(spec.as_dict() if hasattr(spec, "as_dict") else dict(spec)))
+        except ValueError as err:
+            raise ValueError(f"--data.degradation: {err}") from None
+        check_run(degradation, data.get("mode", "benchmark"))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         from diffpir.training.cli import watch_launched_processes
@@ -119,11 +135,26 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+
+
+def _reason(err: BaseException) -> BaseException:
+    """The error that says why: jsonargparse wraps the error of a dataclass or class it could not build (e.g.
+    ``Degradation``'s "sigma_n must be a number >= 0") in "Does not validate against any of the Union subtypes";
+    follow ``__cause__`` down to the first error that is not such a wrapper."""
+    seen: set[int] = set()
+    while str(err).lstrip().startswith(_WRAPPERS) and err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    return err
+
+
 def report_error(prog: str, err: BaseException) -> None:
     """Print ``<prog>: error: <message>`` for a user-facing error and exit with status 1 (re-raise it instead
     when ``DIFFPIR_DEBUG`` is set)."""
     if os.environ.get("DIFFPIR_DEBUG"):
         raise err
+    err = _reason(err)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: say so, and why
         why = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln][:1]

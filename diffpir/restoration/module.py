@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffpir.baselines import METHODS, DiffPIRMethod, Method, build_method, method_parameters
 from diffpir.prior import Prior, load_prior
@@ -59,12 +59,21 @@ class RestorationModule(L.LightningModule):
     """DiffPIR restoration (or a baseline's) as a ``predict_step``.
 
     Args:
-        prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
-            :class:`~diffpir.prior.Prior` (tests, notebooks).
+        prior: a prior file (safetensors, training ``.ckpt``, guided-diffusion ``.pt``) or a bundled prior name
+            (``natural``, ``digits``); from Python also a :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
-        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, final_data_step: the sampler's
-            hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only ``steps`` is
-            passed on (to the methods that take it: ``dps``, ``ddnm``).
+        steps: number of sampler steps (NFEs; the paper: 100). With another ``method`` it is passed on to the
+            methods that take it (``dps``, ``ddnm``).
+        lambda_: weight of the data term, ``rho_t = lambda_ * max(sigma_n, 0.001)^2 / sigma_bar_t^2``.
+        zeta: the share of fresh noise when re-noising (0: deterministic DDIM-like, 1: all fresh noise).
+        skip: timestep spacing, ``quad`` (the paper's, dense near t = 0) or ``uniform``.
+        t_start: first timestep (None: T - 1); below T - 1 the start is an estimate diffused to ``t_start``.
+        eta: DDIM stochasticity of the deterministic part (the official ``eta``; 0 by default).
+        guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (1: plain DiffPIR).
+        clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
+        init: the start: ``noise``, ``measurement`` (y's initial estimate diffused to ``t_start``), ``classical``
+            (the task's classical restoration, diffused) or ``auto`` (measurement when ``t_start < T - 1``).
+        final_data_step: also take the data step on the last step and return its ``x0_hat``.
         method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
             ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"`` or ``"classical"``.
         method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
@@ -87,7 +96,7 @@ class RestorationModule(L.LightningModule):
 
     def __init__(
         self,
-        prior: str | nn.Module = "natural",
+        prior: str = "natural",  # or a Prior object from Python; typed str so that the CLI never reads the file
         preset: str | None = None,
         steps: int = 100,
         lambda_: float = 7.0,
