@@ -329,7 +329,7 @@ def test_real_mode_mask_and_truth_of_the_wrong_size(prior_file, tmp_path):
     _predict(str(prior_file), images, out, spec, mode="real")
     failed = _failed(out)
     assert set(failed) == {"img1"}
-    assert "img1.png' is 12x16 but the images are 16x16" in failed["img1"]["reason"]
+    assert "img1.png' is 16x12 (width x height) but the image is 16x16" in failed["img1"]["reason"]  # WxH
 
     truth = _write_images(tmp_path / "truth", 2, size=20)
     (truth / "img0.png").unlink()

@@ -278,10 +278,10 @@ class RestorationDataset(Dataset):
         if key in self.truth:
             x = self._read(self.truth[key])
             if tuple(x.shape[-2:]) != (h, w):
-                hint = f" (the measurement is {y.shape[-2]}x{y.shape[-1]}, scale {n})" if n > 1 else ""
+                hint = f" (the measurement is {y.shape[-1]}x{y.shape[-2]}, scale {n})" if n > 1 else ""
                 raise ValueError(
-                    f"truth {str(self.truth[key])!r} is {x.shape[-2]}x{x.shape[-1]} but the restoration of "
-                    f"{str(self.files[i])!r} is {h}x{w}{hint}: give a truth of the restored size or remove it"
+                    f"truth {str(self.truth[key])!r} is {x.shape[-1]}x{x.shape[-2]} but the restoration of "
+                    f"{str(self.files[i])!r} is {w}x{h}{hint}: give a truth of the restored size or remove it"
                 )
         return RestorationItem(key, y, x, params, (h, w))
 
@@ -293,13 +293,13 @@ class RestorationDataset(Dataset):
         m = spec.size_multiple
         if h < m or w < m:
             raise ValueError(
-                f"image {str(file)!r} of size {x.shape[-2]}x{x.shape[-1]} is smaller than the SR scale {m}: "
+                f"image {str(file)!r} of size {x.shape[-1]}x{x.shape[-2]} is smaller than the SR scale {m}: "
                 f"use a larger image or a smaller scale"
             )
         if h % m or w % m:
             warnings.warn(
-                f"image {str(file)!r}: {h}x{w} is not divisible by the SR scale {m}; centre-cropped to "
-                f"{h - h % m}x{w - w % m}",
+                f"image {str(file)!r}: {w}x{h} is not divisible by the SR scale {m}; centre-cropped to "
+                f"{w - w % m}x{h - h % m}",
                 stacklevel=2,
             )
         h, w = h - h % m, w - w % m

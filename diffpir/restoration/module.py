@@ -240,7 +240,7 @@ class RestorationModule(L.LightningModule):
             h, w = batch.op.x_shape(batch.y.shape)[-2:] if batch.op is not None else batch.y.shape[-2:]
             tiles = "a smaller --model.tile_size" if self.hparams.get("tile_size") else "--model.tile_size 256"
             reason = (
-                f"out of memory restoring a {h}x{w} image ({type(err).__name__}): use {tiles}, "
+                f"out of memory restoring a {w}x{h} image ({type(err).__name__}): use {tiles}, "
                 "--model.prior_precision bf16 on a GPU, or a smaller image"
             )
             log.warning("%s: %s", batch.keys[0], reason)
