@@ -191,6 +191,27 @@ class RestorationModule(L.LightningModule):
             values["lpips"] = metric(a, b)
         return [{k: float(v[i]) for k, v in values.items()} for i in range(truth.shape[0])]
 
+    @torch.no_grad()
+    def reference_metrics(self, batch: RestorationBatch) -> list[dict[str, float]]:
+        """What to judge a restoration against, per image (uint8 PSNR against the truth):
+
+        - ``psnr_input``: the measurement ``y`` (clipped to [0, 1]); for SR, whose ``y`` is smaller, its upsampling
+          ``op.initial_estimate(y)`` (bicubic);
+        - ``psnr_classical``: the task's classical restoration (:class:`~diffpir.baselines.classical.Classical`:
+          Wiener deconvolution, bicubic upsampling, harmonic fill or SURE smoothing; no network, a small fraction of
+          a diffusion run's cost); not computed when the method is ``classical`` itself (``psnr`` is that).
+        """
+        from diffpir.baselines.classical import Classical
+        from diffpir.metrics import psnr
+
+        y, x = batch.y.float(), batch.x
+        shown = y if tuple(y.shape[-2:]) == tuple(x.shape[-2:]) else batch.op.initial_estimate(y)
+        values = {"psnr_input": psnr(shown.clamp(0, 1), x)}
+        if self.hparams.method != "classical":
+            baseline = Classical()(y, batch.op, None, sigma_n=batch.sigma_n)
+            values["psnr_classical"] = psnr(baseline.clamp(0, 1), x)
+        return [{k: float(v[i]) for k, v in values.items()} for i in range(x.shape[0])]
+
     # -- prediction -------------------------------------------------------------------------------------------
     def _done_checks(self) -> list[Callable[[str], bool]]:
         trainer = self._trainer
@@ -286,6 +307,9 @@ class RestorationModule(L.LightningModule):
         self.images_sampled += len(batch)
         restored = x.clamp(0, 1)
         metrics = self.compute_metrics(restored, batch.x) if batch.x is not None else [{} for _ in batch.keys]
+        if batch.x is not None:
+            for row, ref in zip(metrics, self.reference_metrics(batch)):
+                row.update(ref)
         restored, y = restored.cpu(), batch.y.cpu()
         truth = batch.x.cpu() if batch.x is not None else None
         return [
