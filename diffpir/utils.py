@@ -52,8 +52,9 @@ def quiet_console() -> None:
     """Keep the console to what concerns the run (set ``DIFFPIR_DEBUG=1`` to see everything).
 
     Silenced: Lightning's litlogger tip and its "GPU available / TPU available" lines, torch's deprecation of
-    ``LeafSpec`` that Lightning's ``_pytree`` triggers on every run, and Lightning's advice to use ``sync_dist``
-    for metrics that ``torchmetrics`` already reduces over the ranks. Warnings about the user's settings stay."""
+    ``LeafSpec`` that Lightning's ``_pytree`` triggers on every run. (The validation metrics are logged with
+    ``sync_dist=True``, so Lightning has no ``sync_dist`` advice to give under DDP.) Warnings about the user's
+    settings stay."""
     if os.environ.get("DIFFPIR_DEBUG"):
         return
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -61,7 +62,6 @@ def quiet_console() -> None:
         if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
             logger.addFilter(_DropLightningNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/")
     # Child processes of Lightning's DDP launcher re-run the command: they inherit the filters through here.
 
 
