@@ -153,3 +153,18 @@ def test_init_from_of_another_architecture_names_the_option():
         module.setup("fit")
     message = str(info.value)
     assert "\n" not in message and message.endswith("--model.net.init_args.preset_or_config natural")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task": "deblur_motion", "kernel_size": 7}, "a motion kernel must be at least 9, got 7"),
+        ({"task": "deblur_gaussian", "kernel_size": 60}, "kernel_size must be an odd number of pixels"),
+        ({"task": "inpaint_random", "missing": -0.5}, r"missing must be a fraction in \[0, 1\], got -0.5"),
+        ({"task": "inpaint_mask", "mask": "no/such/mask.png"}, "mask 'no/such/mask.png' does not exist"),
+    ],
+)
+def test_degradation_settings_are_checked_once_up_front(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Degradation(**kwargs)
+    Degradation(task="sr_x4", kernel_size=60)  # the size of a generated kernel only matters where one is generated

@@ -145,6 +145,8 @@ class Degradation:
         generated = self.uses_kernel and self.kernel is None
         if generated and (isinstance(self.kernel_size, bool) or self.kernel_size < 1 or self.kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be an odd number of pixels (e.g. 61), got {self.kernel_size}")
+        if generated and self.task == "deblur_motion" and self.kernel_size < 9:
+            raise ValueError(f"kernel_size of a motion kernel must be at least 9, got {self.kernel_size}")
         if self.uses_kernel and self.kernel is not None:
             _check_param_path(self.kernel, "kernel")
         if self.family == "inpaint" and self.mask is not None:
