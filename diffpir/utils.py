@@ -107,7 +107,9 @@ def install_stop_watchdog(grace: float | None = None) -> bool:
     step, ``ModelCheckpoint(save_on_exception=True)`` saves). If the process is still alive ``grace`` seconds later
     (default :data:`STOP_GRACE_S`, or ``DIFFPIR_STOP_GRACE``), or at a second signal, it ends with status
     ``128 + signum`` and the children get SIGKILL. Returns False where it cannot be installed (not the main
-    thread, no ``set_wakeup_fd``); idempotent."""
+    thread, no ``set_wakeup_fd``); idempotent. It changes the whole process's signal handling, so the console
+    scripts install it only when they own the process (``main()`` called without arguments), never when a
+    program or a test calls ``main([...])``."""
     global _watchdog
     if _watchdog is not None:
         return True

@@ -175,7 +175,8 @@ def main(args: Sequence[str] | None = None) -> None:
     (one-line message, see the module docstring); 2 for a wrong option or config key."""
     _log_to_stderr()
     quiet_console()
-    install_stop_watchdog()
+    if args is None:  # the console script's own process (and its DDP workers), not a caller's: see the docstring
+        install_stop_watchdog()
     try:
         cli = build_cli(None if args is None else list(args))
     except USER_ERRORS as err:

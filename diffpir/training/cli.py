@@ -168,7 +168,8 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``diffpir-train``."""
     argv = list(sys.argv[1:] if args is None else args)
     quiet_console()
-    install_stop_watchdog()
+    if args is None:  # the console script's own process (and its DDP workers), not a caller's: see the docstring
+        install_stop_watchdog()
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])
