@@ -62,7 +62,13 @@ class DiffpirCLI(LightningCLI):
         threads = int(config.get("num_threads") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        check_ckpt_path(config.get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of --ckpt_path while parsing, before any hook: check the file first
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         refuse_to_overwrite(self.trainer, self.config[self.subcommand].get("ckpt_path"))
