@@ -14,8 +14,10 @@ The full config is saved as ``<writer.output_dir>/config.yaml``.
 
 Errors and exit status: a wrong option or config key is reported by jsonargparse (the key named, usage shown,
 status 2). An error that stops the run before it restores anything (a prior file that is missing, refused
-because it carries code, or does not fit; no images found; ...) prints one line ``diffpir-restore: error: ...``
-without a traceback (set ``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
+because it carries code, or does not fit; no images found; a degradation setting that concerns every image, checked
+before the prior loads: a missing or unreadable kernel/mask file, an even ``kernel_size``, real-mode inpainting
+without ``--data.degradation.mask``, ...) prints one line ``diffpir-restore: error: ...`` without a traceback (set
+``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
 are reported one by one and skipped while the others are restored; the run then ends with
 ``restored N of M images; K failed: see <output_dir>/failed.json`` and exit status 1.
 """
