@@ -123,7 +123,7 @@ class Prior(nn.Module):
             s = self.image_size
             if h > s or w > s:
                 raise ValueError(
-                    f"this prior has attention and was trained at {s}x{s}; an input of {h}x{w} is larger. "
+                    f"this prior has attention and was trained at {s}x{s}; an input of {w}x{h} is larger. "
                     f"Use a fully convolutional prior, crop/tile the image, or pass size_mode='any' to run "
                     f"attention over the whole image (off the training distribution)."
                 )

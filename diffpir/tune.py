@@ -5,7 +5,7 @@ validation images degraded like the task's benchmark (:class:`~diffpir.restorati
 grid point restoring the same measurements with the same sampler noise (common random numbers, seeded per image
 as in ``diffpir-restore``), and writes the task's restoration config with the chosen values::
 
-    python -m diffpir.tune --config configs/restore/deblur_gaussian.yaml --prior natural \\
+    diffpir-tune --config configs/restore/deblur_gaussian.yaml --prior natural \\
         --images data/natural/val --limit 4 --crop 128 --steps 20 --out configs/restore/deblur_gaussian_tuned.yaml
     diffpir-restore predict --config configs/restore/deblur_gaussian_tuned.yaml
 
@@ -38,7 +38,17 @@ from diffpir.baselines.evaluation import load_batches
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR, EpsModel
 
-__all__ = ["DEFAULT_LAMBDAS", "DEFAULT_ZETAS", "TuneResult", "evaluate", "load_batches", "main", "tune", "write_config"]
+__all__ = [
+    "DEFAULT_LAMBDAS",
+    "DEFAULT_ZETAS",
+    "TuneResult",
+    "evaluate",
+    "load_batches",
+    "main",
+    "run",
+    "tune",
+    "write_config",
+]
 
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(float(f"{v:.3g}") for v in np.logspace(0, math.log10(50), 8))
 DEFAULT_ZETAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -200,7 +210,7 @@ def _set(config: dict[str, Any], assignment: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m diffpir.tune",
+        prog="diffpir-tune",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
@@ -223,8 +233,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> TuneResult:
-    """Entry point of ``python -m diffpir.tune``: tune, print the table, write the config; returns the result."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``diffpir-tune`` (and ``python -m diffpir.tune``): :func:`run`, then exit status 0."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> TuneResult:
+    """Tune, print the table, write the config; returns the result (the command line of ``diffpir-tune``)."""
     args = _parser().parse_args(None if argv is None else list(argv))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -272,5 +288,4 @@ def main(argv: Sequence[str] | None = None) -> TuneResult:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -30,4 +36,149 @@ def tune_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**31 - 
     return bool(ok)
 
 
-__all__ = ["tune_malloc"]
+# -- a quiet console -------------------------------------------------------------------------------------------------
+
+_NOISE_PREFIXES = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:")
+
+
+class _DropLightningNoise(logging.Filter):
+    """Drops Lightning's advertising and device banners (the litlogger tip, "GPU/TPU available")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_NOISE_PREFIXES)
+
+
+def quiet_console() -> None:
+    """Keep the console to what concerns the run (set ``DIFFPIR_DEBUG=1`` to see everything).
+
+    Silenced: Lightning's litlogger tip and its "GPU available / TPU available" lines, torch's deprecation of
+    ``LeafSpec`` that Lightning's ``_pytree`` triggers on every run. (The validation metrics are logged with
+    ``sync_dist=True``, so Lightning has no ``sync_dist`` advice to give under DDP.) Warnings about the user's
+    settings stay."""
+    if os.environ.get("DIFFPIR_DEBUG"):
+        return
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
+            logger.addFilter(_DropLightningNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Child processes of Lightning's DDP launcher re-run the command: they inherit the filters through here.
+
+
+def progress_bars_wanted() -> bool:
+    """Whether to draw progress bars: only on a terminal (a log file would fill with ``\r`` redraws)."""
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+# -- stopping on SIGTERM --------------------------------------------------------------------------------------------
+
+STOP_GRACE_S = 60.0
+"""Seconds a process may take to stop after SIGTERM / SIGINT before it is ended hard (``DIFFPIR_STOP_GRACE``)."""
+
+_watchdog: threading.Thread | None = None
+_children: Callable[[], Iterable[int]] | None = None
+
+
+def set_child_processes(children: Callable[[], Iterable[int]] | None) -> None:
+    """Tell the stop watchdog how to find the processes this one launched (Lightning's DDP workers)."""
+    global _children
+    _children = children
+
+
+def _signal_children(signum: int) -> None:
+    try:
+        pids = list(_children()) if _children is not None else []
+    except Exception:  # the launcher may be half set up: nothing to forward then
+        pids = []
+    for pid in pids:
+        try:
+            os.kill(int(pid), signum)
+        except (OSError, ValueError):
+            pass
+
+
+def install_stop_watchdog(grace: float | None = None) -> bool:
+    """Make SIGTERM (and Ctrl-C) stop this process and the DDP processes it launched, also when the main thread
+    is blocked inside a collective (a Python signal handler only runs when the main thread gets back to Python).
+
+    The C-level signal handler writes the signal number to a pipe (``signal.set_wakeup_fd``); a daemon thread reads
+    it, forwards SIGTERM to the child processes, and lets Lightning stop gracefully (its handler raises at the next
+    step, ``ModelCheckpoint(save_on_exception=True)`` saves). If the process is still alive ``grace`` seconds later
+    (default :data:`STOP_GRACE_S`, or ``DIFFPIR_STOP_GRACE``), or at a second signal, it ends with status
+    ``128 + signum`` and the children get SIGKILL. Returns False where it cannot be installed (not the main
+    thread, no ``set_wakeup_fd``); idempotent. It changes the whole process's signal handling, so the console
+    scripts install it only when they own the process (``main()`` called without arguments), never when a
+    program or a test calls ``main([...])``."""
+    global _watchdog
+    if _watchdog is not None:
+        return True
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "set_wakeup_fd"):
+        return False
+    if grace is None:
+        try:
+            grace = float(os.environ.get("DIFFPIR_STOP_GRACE", STOP_GRACE_S))
+        except ValueError:
+            grace = STOP_GRACE_S
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        os.close(r)
+        os.close(w)
+        return False
+    # SIGTERM needs a Python-level handler for the C handler (and the pipe) to see it; Lightning installs its own
+    # during fit/predict and calls this one too. Outside them, SIGTERM ends the process at once, as by default.
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+    def watch() -> None:
+        first: int | None = None
+        timer: threading.Timer | None = None
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            for signum in data:
+                if signum not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                if signum == signal.SIGTERM:
+                    _signal_children(signal.SIGTERM)
+                if first is None:
+                    first = signum
+                    timer = threading.Timer(grace, _hard_exit, args=(signum,))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    if timer is not None:
+                        timer.cancel()
+                    _hard_exit(signum)
+
+    _watchdog = threading.Thread(target=watch, name="diffpir-stop-watchdog", daemon=True)
+    _watchdog.start()
+    return True
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _hard_exit(signum: int) -> None:
+    _signal_children(signal.SIGKILL)
+    try:
+        sys.stderr.write(f"diffpir: ended by signal {signum} before a clean stop (DIFFPIR_STOP_GRACE)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+__all__ = [
+    "STOP_GRACE_S",
+    "install_stop_watchdog",
+    "progress_bars_wanted",
+    "quiet_console",
+    "set_child_processes",
+    "tune_malloc",
+]

@@ -200,9 +200,10 @@ def test_stable_seed_is_stable_and_distinct():
 
 @pytest.mark.parametrize("task", [t for t in TASKS if t not in ("deblur", "inpaint_mask")])
 def test_every_task_builds_a_batched_operator(task):
-    spec = _spec(task, kernel_std_max=2.0 if task == "deblur_gaussian" else None)
     if task in ("deblur_motion", "deblur_blind"):
-        spec = _spec(task, kernel_size=9)
+        spec = _spec(task, kernel_size=9)  # a motion kernel needs 9 px at least
+    else:
+        spec = _spec(task, kernel_std_max=2.0 if task == "deblur_gaussian" else None)
     h = w = 24
     params = [synthesize_params(spec, f"k{i}", h, w, seed=3) for i in range(2)]
     again = synthesize_params(spec, "k0", h, w, seed=3)
@@ -340,6 +341,17 @@ def test_predict_writes_pngs_csv_and_summary(prior_file, images, tmp_path):
     truth = dm.dataset[3].x
     restored = read_image(out / "restored" / "img3.png")
     assert float(rows[3]["psnr"]) == pytest.approx(float(psnr(restored[None], truth[None])[0]), abs=1e-9)
+    # beside it, the input's PSNR (the written measurement) and the classical baseline's
+    from diffpir.baselines.classical import Classical
+    from diffpir.restoration.data import collate
+
+    assert list(rows[0])[:5] == ["key", "file", "psnr", "psnr_input", "psnr_classical"]
+    degraded = read_image(out / "degraded" / "img3.png")
+    assert float(rows[3]["psnr_input"]) == pytest.approx(float(psnr(degraded[None], truth[None])[0]), abs=1e-9)
+    (batch,) = collate([dm.dataset[3]], dm.degradation)
+    classical = Classical()(batch.y, batch.op, None, sigma_n=batch.sigma_n).clamp(0, 1)
+    assert float(rows[3]["psnr_classical"]) == pytest.approx(float(psnr(classical, truth[None])[0]), abs=1e-6)
+    assert not (out / "failed.json").exists()  # nothing failed
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 5 and summary["count_with_truth"] == 5

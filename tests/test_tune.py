@@ -3,6 +3,9 @@ prior) and writes a restoration config that the CLI parses with the chosen value
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior, export_prior
 from diffpir.restoration import Degradation, image_generator
 from diffpir.restoration.data import RestorationBatch
-from diffpir.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, main, tune
+from diffpir.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, run, tune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "restore"
 LAMBDAS, ZETAS, STEPS = (1.0, 7.0, 50.0), (0.0, 0.5, 1.0), 20
@@ -73,7 +76,7 @@ def test_tune_rejects_bad_arguments(problem):
     with pytest.raises(ValueError, match="zetas lie in"):
         tune(prior, [batch], zetas=[1.5])
     with pytest.raises(ValueError, match="--set takes KEY=VALUE"):
-        main(["--config", str(CONFIGS / "denoise.yaml"), "--out", "x.yaml", "--set", "model.steps"])
+        run(["--config", str(CONFIGS / "denoise.yaml"), "--out", "x.yaml", "--set", "model.steps"])
 
 
 def test_default_grid_spans_the_documented_ranges():
@@ -95,7 +98,7 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     out = tmp_path / "tuned.yaml"
     args = ["--config", str(CONFIGS / "denoise.yaml"), "--out", str(out), "--prior", str(prior_file)]
     args += ["--images", str(images), "--steps", "2", "--lambdas", "1", "50", "--zetas", "0", "1", "--search", "grid"]
-    result = main([*args, "--sigma-n", "0.2", "--set", "writer.output_dir=" + str(tmp_path / "o")])
+    result = run([*args, "--sigma-n", "0.2", "--set", "writer.output_dir=" + str(tmp_path / "o")])
     assert len(result.table) == 4
     best = max(result.table, key=lambda r: r["psnr"])
     assert (result.lambda_, result.zeta) == (best["lambda_"], best["zeta"])
@@ -108,3 +111,25 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     cli = build_cli(["--config", str(out)], run=False)
     assert cli.model.sampler.lambda_ == result.lambda_ and cli.model.sampler.zeta == result.zeta
     assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.sampler.nfe == 2
+
+
+def test_console_script_exits_zero_and_names_itself(tmp_path):
+    """``diffpir-tune`` as users run it: status 0 after writing the config; its help names the console script."""
+    exe = Path(sys.executable).parent / "diffpir-tune"
+    if not exe.exists():
+        pytest.skip("diffpir-tune is not installed (pip install -e .)")
+    torch.manual_seed(0)
+    prior_file = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    images = tmp_path / "val"
+    images.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(images / "v.png")
+    out = tmp_path / "tuned.yaml"
+    args = ["--config", str(CONFIGS / "denoise.yaml"), "--out", str(out), "--prior", str(prior_file)]
+    args += ["--images", str(images), "--steps", "2", "--lambdas", "5", "--zetas", "0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert yaml.safe_load(out.read_text())["model"]["lambda_"] == 5.0
+    assert "best: lambda_ = 5" in res.stdout
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.startswith("usage: diffpir-tune ") and "python -m" not in res.stdout

@@ -4,7 +4,7 @@ Usage::
 
     diffpir-restore predict --config configs/restore/deblur_gaussian.yaml
     diffpir-restore predict --config configs/restore/sr_x4.yaml --model.steps 20 --data.images my/photos
-    diffpir-restore predict --config configs/restore/inpaint_box.yaml --trainer.devices 4   # DDP on 4 GPUs
+    diffpir-restore predict --config configs/restore/inpaint_box.yaml --trainer.devices 4 --trainer.strategy ddp
 
 Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``data``
 (:class:`~diffpir.restoration.RestorationDataModule`), ``trainer``, ``writer``
@@ -14,8 +14,10 @@ The full config is saved as ``<writer.output_dir>/config.yaml``.
 
 Errors and exit status: a wrong option or config key is reported by jsonargparse (the key named, usage shown,
 status 2). An error that stops the run before it restores anything (a prior file that is missing, refused
-because it carries code, or does not fit; no images found; ...) prints one line ``diffpir-restore: error: ...``
-without a traceback (set ``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
+because it carries code, or does not fit; no images found; a degradation setting that concerns every image, checked
+before the prior loads: a missing or unreadable kernel/mask file, an even ``kernel_size``, real-mode inpainting
+without ``--data.degradation.mask``, ...) prints one line ``diffpir-restore: error: ...`` without a traceback (set
+``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
 are reported one by one and skipped while the others are restored; the run then ends with
 ``restored N of M images; K failed: see <output_dir>/failed.json`` and exit status 1.
 """
@@ -30,13 +32,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule
+from diffpir.restoration.tasks import Degradation, check_run
 from diffpir.restoration.trajectory import TrajectoryLogger
 from diffpir.restoration.writer import RestorationWriter, write_text_atomic
+from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console
 
 __all__ = ["USER_ERRORS", "RestoreCLI", "build_cli", "main", "report_error"]
 
@@ -57,6 +62,28 @@ class RestoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
         parser.add_lightning_class_args(TrajectoryLogger, "trajectory")
+
+    def before_instantiate_classes(self) -> None:
+        """Check what concerns the whole run before anything (the prior first) is loaded: one error, naming the
+        option, instead of one per image."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data") or {}
+        spec = data.get("degradation")
+        try:
+            if spec is None:
+                degradation = Degradation()
+            else:
+                degradation = Degradation(**(spec.as_dict() if hasattr(spec, "as_dict") else dict(spec)))
+        except ValueError as err:
+            raise ValueError(f"--data.degradation: {err}") from None
+        check_run(degradation, data.get("mode", "benchmark"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        from diffpir.training.cli import watch_launched_processes
+
+        trainer = super().instantiate_trainer(**kwargs)
+        watch_launched_processes(trainer)
+        return trainer
 
     def predict(self, model, datamodule=None, return_predictions: bool | None = None, ckpt_path=None, **kwargs):
         """``Trainer.predict`` without keeping the predictions in memory (the writer stores them)."""
@@ -83,7 +110,7 @@ class RestoreCLI(LightningCLI):
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:
     """The CLI object (``run=False``: parse and instantiate only, e.g. to test a config)."""
-    kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
+    kwargs.setdefault("trainer_defaults", {**TRAINER_DEFAULTS, "enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault("save_config_callback", None)
     kwargs.setdefault("seed_everything_default", False)
     kwargs.setdefault("auto_configure_optimizers", False)
@@ -110,11 +137,26 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+
+
+def _reason(err: BaseException) -> BaseException:
+    """The error that says why: jsonargparse wraps the error of a dataclass or class it could not build (e.g.
+    ``Degradation``'s "sigma_n must be a number >= 0") in "Does not validate against any of the Union subtypes";
+    follow ``__cause__`` down to the first error that is not such a wrapper."""
+    seen: set[int] = set()
+    while str(err).lstrip().startswith(_WRAPPERS) and err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    return err
+
+
 def report_error(prog: str, err: BaseException) -> None:
     """Print ``<prog>: error: <message>`` for a user-facing error and exit with status 1 (re-raise it instead
     when ``DIFFPIR_DEBUG`` is set)."""
     if os.environ.get("DIFFPIR_DEBUG"):
         raise err
+    err = _reason(err)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: say so, and why
         why = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln][:1]
@@ -134,6 +176,9 @@ def main(args: Sequence[str] | None = None) -> None:
     Exits with status 1 when images could not be restored (see ``failed.json``) or when the run could not start
     (one-line message, see the module docstring); 2 for a wrong option or config key."""
     _log_to_stderr()
+    quiet_console()
+    if args is None:  # the console script's own process (and its DDP workers), not a caller's: see the docstring
+        install_stop_watchdog()
     try:
         cli = build_cli(None if args is None else list(args))
     except USER_ERRORS as err:

@@ -27,6 +27,7 @@ images are restored.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -76,6 +77,19 @@ def image_keys(root: Path, files: Sequence[Path]) -> list[str]:
             raise ValueError(f"two images share the key {key!r}: {keys[key]} and {f}; rename one of them")
         keys[key] = f
     return list(keys)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the block on one torch thread. Measurements are synthesised so: FFT and convolution results can depend on
+    the thread count (MKL), and a measurement must not depend on whether the main process (all threads) or a
+    DataLoader worker (one thread) made it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _center_crop(x: Tensor, h: int, w: int) -> Tensor:
@@ -278,10 +292,10 @@ class RestorationDataset(Dataset):
         if key in self.truth:
             x = self._read(self.truth[key])
             if tuple(x.shape[-2:]) != (h, w):
-                hint = f" (the measurement is {y.shape[-2]}x{y.shape[-1]}, scale {n})" if n > 1 else ""
+                hint = f" (the measurement is {y.shape[-1]}x{y.shape[-2]}, scale {n})" if n > 1 else ""
                 raise ValueError(
-                    f"truth {str(self.truth[key])!r} is {x.shape[-2]}x{x.shape[-1]} but the restoration of "
-                    f"{str(self.files[i])!r} is {h}x{w}{hint}: give a truth of the restored size or remove it"
+                    f"truth {str(self.truth[key])!r} is {x.shape[-1]}x{x.shape[-2]} but the restoration of "
+                    f"{str(self.files[i])!r} is {w}x{h}{hint}: give a truth of the restored size or remove it"
                 )
         return RestorationItem(key, y, x, params, (h, w))
 
@@ -293,19 +307,20 @@ class RestorationDataset(Dataset):
         m = spec.size_multiple
         if h < m or w < m:
             raise ValueError(
-                f"image {str(file)!r} of size {x.shape[-2]}x{x.shape[-1]} is smaller than the SR scale {m}: "
+                f"image {str(file)!r} of size {x.shape[-1]}x{x.shape[-2]} is smaller than the SR scale {m}: "
                 f"use a larger image or a smaller scale"
             )
         if h % m or w % m:
             warnings.warn(
-                f"image {str(file)!r}: {h}x{w} is not divisible by the SR scale {m}; centre-cropped to "
-                f"{h - h % m}x{w - w % m}",
+                f"image {str(file)!r}: {w}x{h} is not divisible by the SR scale {m}; centre-cropped to "
+                f"{w - w % m}x{h - h % m}",
                 stacklevel=2,
             )
         h, w = h - h % m, w - w % m
         x = _center_crop(x, h, w).contiguous()
-        params = synthesize_params(spec, key, h, w, self.seed)
-        y = degrade(spec, x, params, image_generator(self.seed, key, "noise"))
+        with _one_thread():
+            params = synthesize_params(spec, key, h, w, self.seed)
+            y = degrade(spec, x, params, image_generator(self.seed, key, "noise"))
         return RestorationItem(key, y, x, params, (h, w))
 
     def _check(self, item: RestorationItem, file: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffpir.baselines import METHODS, DiffPIRMethod, Method, build_method, method_parameters
 from diffpir.prior import Prior, load_prior
@@ -61,12 +61,24 @@ class RestorationModule(L.LightningModule):
     """DiffPIR restoration (or a baseline's) as a ``predict_step``.
 
     Args:
-        prior: a prior file or bundled prior name for :func:`~diffpir.prior.load_prior`, or a
-            :class:`~diffpir.prior.Prior` (tests, notebooks).
+        prior: a prior file (safetensors, training ``.ckpt``, guided-diffusion ``.pt``) or a bundled prior name
+            (``natural``, ``digits``); from Python also a :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
-        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, output, batch_invariant: the
-            sampler's hyper-parameters (see :class:`~diffpir.sampler.DiffPIR`). With another ``method`` only
-            ``steps`` is passed on (to the methods that take it: ``dps``, ``ddnm``).
+        steps: number of sampler steps (NFEs; the paper: 100). With another ``method`` it is passed on to the
+            methods that take it (``dps``, ``ddnm``).
+        lambda_: weight of the data term, ``rho_t = lambda_ * max(sigma_n, 0.001)^2 / sigma_bar_t^2``.
+        zeta: the share of fresh noise when re-noising (0: deterministic DDIM-like, 1: all fresh noise).
+        skip: timestep spacing, ``quad`` (the paper's, dense near t = 0) or ``uniform``.
+        t_start: first timestep (None: T - 1); below T - 1 the start is an estimate diffused to ``t_start``.
+        eta: DDIM stochasticity of the deterministic part (the official ``eta``; 0 by default).
+        guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (1: plain DiffPIR).
+        clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
+        init: the start: ``noise``, ``measurement`` (y's initial estimate diffused to ``t_start``), ``classical``
+            (the task's classical restoration, diffused), ``official`` (as the official scripts start) or ``auto``
+            (measurement when ``t_start < T - 1``).
+        output: what is returned: ``x0_pred`` (the last prior prediction), ``x0_hat`` (with a last data step, as
+            Algorithm 1) or ``iterate`` (the last iterate, as the official scripts save it).
+        batch_invariant: run each image of a batch on its own in lockstep (bitwise the image alone).
         method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
             ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"``, ``"classical"`` or ``"blind_diffpir"`` (blind deblurring:
             takes all the sampler settings above, estimates the kernel, see :class:`~diffpir.baselines.BlindDiffPIR`).
@@ -90,7 +102,7 @@ class RestorationModule(L.LightningModule):
 
     def __init__(
         self,
-        prior: str | nn.Module = "natural",
+        prior: str = "natural",  # or a Prior object from Python; typed str so that the CLI never reads the file
         preset: str | None = None,
         steps: int = 100,
         lambda_: float = 7.0,
@@ -193,6 +205,29 @@ class RestorationModule(L.LightningModule):
             values["lpips"] = metric(a, b)
         return [{k: float(v[i]) for k, v in values.items()} for i in range(truth.shape[0])]
 
+    @torch.no_grad()
+    def reference_metrics(self, batch: RestorationBatch) -> list[dict[str, float]]:
+        """What to judge a restoration against, per image (uint8 PSNR against the truth):
+
+        - ``psnr_input``: the measurement ``y`` (clipped to [0, 1]); for SR, whose ``y`` is smaller, its upsampling
+          ``op.initial_estimate(y)`` (bicubic);
+        - ``psnr_classical``: the task's classical restoration (:class:`~diffpir.baselines.classical.Classical`:
+          Wiener deconvolution, bicubic upsampling, harmonic fill or SURE smoothing; no network, a small fraction of
+          a diffusion run's cost); not computed when the method is ``classical`` itself (``psnr`` is that), nor for
+          blind deblurring (the classical baseline needs the kernel, which is unknown there).
+        """
+        from diffpir.baselines.classical import Classical
+        from diffpir.metrics import psnr
+        from diffpir.operators import BlindBlur
+
+        y, x = batch.y.float(), batch.x
+        shown = y if tuple(y.shape[-2:]) == tuple(x.shape[-2:]) else batch.op.initial_estimate(y)
+        values = {"psnr_input": psnr(shown.clamp(0, 1), x)}
+        if self.hparams.method != "classical" and not isinstance(batch.op, BlindBlur):
+            baseline = Classical()(y, batch.op, None, sigma_n=batch.sigma_n)
+            values["psnr_classical"] = psnr(baseline.clamp(0, 1), x)
+        return [{k: float(v[i]) for k, v in values.items()} for i in range(x.shape[0])]
+
     # -- prediction -------------------------------------------------------------------------------------------
     def _done_checks(self) -> list[Callable[[str], bool]]:
         trainer = self._trainer
@@ -242,7 +277,7 @@ class RestorationModule(L.LightningModule):
             h, w = batch.op.x_shape(batch.y.shape)[-2:] if batch.op is not None else batch.y.shape[-2:]
             tiles = "a smaller --model.tile_size" if self.hparams.get("tile_size") else "--model.tile_size 256"
             reason = (
-                f"out of memory restoring a {h}x{w} image ({type(err).__name__}): use {tiles}, "
+                f"out of memory restoring a {w}x{h} image ({type(err).__name__}): use {tiles}, "
                 "--model.prior_precision bf16 on a GPU, or a smaller image"
             )
             log.warning("%s: %s", batch.keys[0], reason)
@@ -257,8 +292,12 @@ class RestorationModule(L.LightningModule):
             from tqdm.auto import tqdm
 
             rank_zero = self._trainer is None or self._trainer.is_global_zero
+            # disable=None: tqdm draws on a terminal only, never \r redraws into a log file
             bar = tqdm(
-                total=self.method.nfe, desc=f"sampling {len(batch)} image(s)", leave=False, disable=not rank_zero
+                total=self.method.nfe,
+                desc=f"sampling {len(batch)} image(s)",
+                leave=False,
+                disable=None if rank_zero else True,
             )
 
         def callback(state: StepState) -> None:
@@ -285,6 +324,9 @@ class RestorationModule(L.LightningModule):
         restored = x.clamp(0, 1)
         extras = self._extra_outputs()
         metrics = self._metrics(restored, batch, extras)
+        if batch.x is not None:
+            for row, ref in zip(metrics, self.reference_metrics(batch)):
+                row.update(ref)
         restored, y = restored.cpu(), batch.y.cpu()
         truth = batch.x.cpu() if batch.x is not None else None
         return [

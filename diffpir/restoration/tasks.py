@@ -16,6 +16,7 @@ Ranges: images in [0, 1]; ``sigma_n`` is the noise std on the [0, 1] scale (the 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,7 @@ __all__ = [
     "Degradation",
     "Task",
     "build_operator",
+    "check_run",
     "degrade",
     "image_generator",
     "load_params",
@@ -146,6 +148,27 @@ class Degradation:
             raise ValueError(f"sr_data_step must be 'exact' or 'kernel', got {self.sr_data_step!r}")
         if self.kernel_std_max is not None and self.kernel_std_max < self.kernel_std:
             raise ValueError(f"kernel_std_max={self.kernel_std_max} is below kernel_std={self.kernel_std}")
+        # What concerns every image is checked here, once, before any model or image is loaded.
+        if not 0.0 <= self.missing <= 1.0:
+            raise ValueError(f"missing must be a fraction in [0, 1], got {self.missing}")
+        if not 0.0 <= self.motion_intensity <= 1.0:
+            raise ValueError(f"motion_intensity must lie in [0, 1], got {self.motion_intensity}")
+        generated = self.uses_kernel and self.kernel is None
+        if generated and (isinstance(self.kernel_size, bool) or self.kernel_size < 1 or self.kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size must be an odd number of pixels (e.g. 61), got {self.kernel_size}")
+        if generated and self.task == "deblur_motion" and self.kernel_size < 9:
+            raise ValueError(f"kernel_size of a motion kernel must be at least 9, got {self.kernel_size}")
+        if self.uses_kernel and self.kernel is not None:
+            _check_param_path(self.kernel, "kernel")
+        if self.family == "inpaint" and self.mask is not None:
+            _check_param_path(self.mask, "mask")
+        if self.sigma_n > 1.0:
+            warnings.warn(
+                f"sigma_n={self.sigma_n:g} is far above 1: sigma_n is on the [0, 1] scale; for a 0-255 noise level "
+                f"give it divided by 255 (e.g. {self.sigma_n:g}/255 = {self.sigma_n / 255:.4g})",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # -- what the task is made of -----------------------------------------------------------------------------
     @property
@@ -171,6 +194,36 @@ class Degradation:
     def to_dict(self) -> dict:
         """The spec as a dict of primitive values."""
         return asdict(self)
+
+
+def _check_param_path(path: str, what: str) -> None:
+    """A kernel/mask setting must name an existing file of a readable type, or a folder."""
+    p = Path(path)
+    if p.is_dir():
+        return
+    if not p.exists():
+        raise ValueError(f"{what} {path!r} does not exist: give a file or a folder of per-image {what}s")
+    if p.suffix.lower() not in _PARAM_SUFFIXES:
+        raise ValueError(
+            f"{what} {path!r} has an unreadable type {p.suffix or '(none)'!r}: use .npy, .pt/.pth or an image "
+            f"({', '.join(s for s in _PARAM_SUFFIXES if s not in ('.npy', '.pt', '.pth'))})"
+        )
+
+
+def check_run(spec: Degradation, mode: str) -> None:
+    """What a whole run needs from ``spec`` in ``mode`` (real mode: the mask of inpainting, the kernel of a random
+    blur); raises ``ValueError`` naming the setting."""
+    if mode != "real":
+        return
+    if spec.family == "inpaint" and spec.mask is None:
+        raise ValueError(
+            f"real mode with task {spec.task!r} needs the mask of the missing pixels: "
+            "--data.degradation.mask IMAGE_OR_FOLDER"
+        )
+    if spec.uses_kernel and spec.kernel is None and (spec.task == "deblur_motion" or spec.kernel_std_max is not None):
+        raise ValueError(
+            f"real mode with task {spec.task!r} needs the blur kernel: --data.degradation.kernel FILE_OR_FOLDER"
+        )
 
 
 def _per_key_file(path: str, key: str, what: str) -> Path:
@@ -218,7 +271,7 @@ def synthesize_params(spec: Degradation, key: str, h: int, w: int, seed: int) ->
     if spec.task == "inpaint_random":
         return {"mask": random_mask(h, w, spec.missing, generator=g)}
     if spec.task == "inpaint_mask":
-        return {"mask": load_mask(_per_key_file(spec.mask, key, "mask"), size=(h, w))}
+        return {"mask": _load_mask(spec, key, h, w)}
     return {}
 
 
@@ -237,8 +290,20 @@ def load_params(spec: Degradation, key: str, h: int, w: int) -> dict[str, Tensor
     if spec.family == "inpaint":
         if spec.mask is None:
             raise ValueError(f"real mode with task {spec.task!r} needs the mask: set mask to an image or folder")
-        return {"mask": load_mask(_per_key_file(spec.mask, key, "mask"), size=(h, w))}
+        return {"mask": _load_mask(spec, key, h, w)}
     return {}
+
+
+def _load_mask(spec: Degradation, key: str, h: int, w: int) -> Tensor:
+    """The mask of image ``key``, which must be ``w x h`` (width x height, like image viewers)."""
+    path = _per_key_file(spec.mask, key, "mask")
+    mask = load_mask(path)
+    if tuple(mask.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"mask {str(path)!r} is {mask.shape[-1]}x{mask.shape[-2]} (width x height) but the image is {w}x{h}: "
+            f"resize the mask (or the image) to match"
+        )
+    return mask
 
 
 def build_operator(spec: Degradation, params: dict[str, Tensor]) -> Operator:

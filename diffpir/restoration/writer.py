@@ -10,7 +10,7 @@ Layout of ``output_dir``::
     metrics/rank<r>.jsonl    per-rank part files, one JSON row per image (appended, never rewritten)
     metrics.csv              merged rows, one per image, sorted by key
     summary.json             mean of each metric, counts, the run's settings
-    failed.json              the images that could not be restored: [{"key", "file", "reason"}], sorted by key
+    failed.json              only when images could not be restored: [{"key", "file", "reason"}], sorted by key
 
 ``<name>`` is :func:`diffpir.io.safe_output_name` of the image key, so no key (``../x``, ``/abs``, odd characters)
 can leave the output folder. Every file is written atomically: the bytes go to a hidden temporary file
@@ -60,7 +60,10 @@ __all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_ro
 
 log = logging.getLogger(__name__)
 
-METRIC_ORDER = ("psnr", "ssim", "lpips", "kernel_ncc")
+METRIC_ORDER = ("psnr", "psnr_input", "psnr_classical", "ssim", "lpips", "kernel_ncc")
+"""Metric columns of ``metrics.csv``: the restoration's PSNR beside the input's and the classical baseline's (see
+:meth:`~diffpir.restoration.RestorationModule.reference_metrics`), then SSIM, LPIPS and (blind deblurring with a
+known kernel) the kernel's NCC."""
 FAILED = "failed"
 
 
@@ -140,7 +143,10 @@ def merge_metrics(
         {"key": k, "file": str(failed[k].get("input", "")), "reason": str(failed[k].get("reason", ""))}
         for k in sorted(failed)
     ]
-    write_text_atomic(out / "failed.json", json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
+    if failures:
+        write_text_atomic(out / "failed.json", json.dumps(failures, indent=2, ensure_ascii=False) + "\n")
+    else:  # only when something failed; a rerun that restored what had failed removes the stale list
+        (out / "failed.json").unlink(missing_ok=True)
     metrics = [m for m in METRIC_ORDER if any(m in r for r in rows.values())]
     columns = ["key", "file", *metrics, "seconds", "nfe"]
     buf = io.StringIO()

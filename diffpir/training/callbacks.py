@@ -98,6 +98,7 @@ class SampleGridCallback(Callback):
         self.image_size = image_size
         self.save_png = save_png
         self.last_grid: Tensor | None = None
+        self._log_dir: str | None = None
 
     def _size(self, trainer: Trainer, pl_module: LightningModule) -> int:
         if self.image_size:
@@ -107,11 +108,20 @@ class SampleGridCallback(Callback):
             size = (getattr(pl_module.net, "config", None) or {}).get("image_size", 32)
         return int(size)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts the logger's folder): every rank asks
+        # here, never on rank zero alone, or the other ranks would wait for it forever.
+        self._log_dir = trainer.log_dir if self.save_png else None
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
+        # Decided identically on every rank; only the sampling and the writing below are rank zero's, and they
+        # involve no collective (no log_dir, barrier, broadcast or self.log).
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations and not trainer.fit_loop.done:
+            return
+        if not trainer.is_global_zero:
             return
         size = self._size(trainer, pl_module)
         shape = (self.num_samples, pl_module.channels, size, size)
@@ -132,8 +142,8 @@ class SampleGridCallback(Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("val/samples", grid, step)
-        if self.save_png and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "samples" / f"step{step:07d}.png"
+        if self.save_png and self._log_dir is not None:
+            path = Path(self._log_dir) / "samples" / f"step{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(grid, path)
 

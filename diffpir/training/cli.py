@@ -15,14 +15,24 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
+from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
+
+
+def watch_launched_processes(trainer: Trainer) -> None:
+    """Let the stop watchdog (:func:`diffpir.utils.install_stop_watchdog`) find the DDP processes that
+    ``trainer``'s launcher starts, to forward SIGTERM to them."""
+    set_child_processes(lambda: [p.pid for p in getattr(trainer.strategy.launcher, "procs", None) or []])
 
 
 class DiffpirCLI(LightningCLI):
@@ -41,16 +51,85 @@ class DiffpirCLI(LightningCLI):
             "--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)"
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        watch_launched_processes(trainer)
+        checkpoints_follow_logger(trainer)
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         threads = int(config.get("num_threads") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of --ckpt_path while parsing, before any hook: check the file first
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        refuse_to_overwrite(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` that is not a checkpoint file with one line, before anything is built (a text
+    file otherwise ends in a traceback from deep inside ``torch.load``)."""
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(f"--ckpt_path {str(ckpt_path)!r}: no such file (give a .ckpt, or 'last' to resume the run)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format is a pickle (protocol 2+: first byte 0x80)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise ValueError(
+            f"--ckpt_path {str(ckpt_path)!r} is not a checkpoint (a .ckpt written by diffpir-train fit): give one, "
+            "or 'last' to resume the run of the config"
+        )
+
+
+def checkpoints_follow_logger(trainer: Trainer) -> None:
+    """One run, one folder: a ``ModelCheckpoint`` without ``dirpath`` writes to ``<save_dir>/<name>/checkpoints`` of
+    the run's logger (``runs/smoke/checkpoints`` for smoke.yaml), so ``--trainer.logger.init_args.name`` moves the
+    checkpoints with the logs and ``--ckpt_path last`` finds the run's ``last.ckpt`` again. (Lightning's own default,
+    ``version_N/checkpoints``, would start every run in a new folder where ``last`` is never found.)"""
+    logger = trainer.logger
+    save_dir = getattr(logger, "save_dir", None) if logger is not None else None
+    if save_dir is None:
+        return
+    folder = Path(save_dir) / str(getattr(logger, "name", "") or "") / "checkpoints"
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None) is None:
+            cb.dirpath = str(folder)
+
+
+def refuse_to_overwrite(trainer: Trainer, ckpt_path: str | None) -> None:
+    """A new ``fit`` (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints would overwrite them
+    (``last.ckpt`` first): refuse, saying how to resume or start a separate run."""
+    if ckpt_path is not None:
+        return
+    for cb in trainer.checkpoint_callbacks:
+        folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
+        found = sorted(p.name for p in folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+        if found:
+            raise ValueError(
+                f"{folder} already holds the checkpoints of an earlier run ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}) that this run would overwrite: resume it with --ckpt_path last, "
+                "or start a separate run with --trainer.logger.init_args.name NEW_NAME (or move the folder away)"
+            )
+
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> DiffpirCLI:
     """The LightningCLI object (``run=False``: parse and instantiate only; then call ``cli.trainer.fit``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault("trainer_defaults", {"enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault(
         "parser_kwargs",
         {
@@ -94,6 +173,9 @@ def export_main(argv: Sequence[str]) -> Path:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``diffpir-train``."""
     argv = list(sys.argv[1:] if args is None else args)
+    quiet_console()
+    if args is None:  # the console script's own process (and its DDP workers), not a caller's: see the docstring
+        install_stop_watchdog()
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])

@@ -58,6 +58,22 @@ def _prior_denoiser(net: nn.Module, schedule: NoiseSchedule) -> Callable[[Tensor
         return lambda x, sigma: one_step_denoise(net, schedule, x, sigma)
 
 
+def _preset_of(config: dict[str, Any] | None) -> str | None:
+    """The name of the UNet preset whose config is ``config`` (None when none is)."""
+    if not config:
+        return None
+    from diffpir.models.presets import PRESETS, build_unet
+
+    for name in PRESETS:
+        try:
+            with torch.device("meta"):  # the full config (defaults filled in), without memory or init time
+                if build_unet(name).config == dict(config):
+                    return name
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
+
+
 class DiffusionModule(LightningModule):
     """Trains ``net`` to predict the noise of the DDPM forward process (Ho et al. 2020, the "simple" loss).
 
@@ -275,9 +291,16 @@ class DiffusionModule(LightningModule):
         try:
             self.net.load_state_dict(state, strict=True)
         except RuntimeError as err:
+            config = getattr(src, "config", None)
+            name = preset or _preset_of(config)
+            fix = (
+                f"--model.net.init_args.preset_or_config {name}"
+                if name
+                else "--model.net.init_args.preset_or_config with the prior's UNet config"
+            )
             raise ValueError(
-                f"init_from={source!r} does not fit the training network (different architecture): give the "
-                f"network the prior's preset/config{f' ({preset})' if preset else ''}.\n{err}"
+                f"init_from={source!r} does not fit the training network (a different architecture"
+                f"{f': the prior is a {name!r} UNet' if name else ''}): train that network with {fix}"
             ) from err
         if self.ema is not None:
             self.ema.copy_from(self.net)
@@ -308,15 +331,17 @@ class DiffusionModule(LightningModule):
             metric.update(-10.0 * torch.log10(mse))
 
     def on_validation_epoch_end(self) -> None:
+        # MeanMetric.compute() already reduces over the ranks (the same value on each, so every rank takes the
+        # same branch below); sync_dist=True says so to Lightning, whose mean of equal values leaves them as is.
         for (lo, hi), metric in zip(self.bucket_edges, self.val_bucket_loss):
             value = metric.compute()
             metric.reset()
             if torch.isfinite(value):
-                self.log(f"val/loss_t{lo}-{hi}", value)
+                self.log(f"val/loss_t{lo}-{hi}", value, sync_dist=True)
         for sigma, metric in zip(self.val_sigmas, self.val_psnr):
             value = metric.compute()
             metric.reset()
-            self.log(f"val/psnr_sigma{sigma:g}", value)
+            self.log(f"val/psnr_sigma{sigma:g}", value, sync_dist=True)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
