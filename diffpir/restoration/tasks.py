@@ -62,6 +62,8 @@ Task = Literal[
     "denoise",
 ]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+SIGMA_N_MAX = 1.0
+"""Largest accepted ``sigma_n`` (on the [0, 1] scale, a noise std as large as the whole range)."""
 _PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -88,7 +90,8 @@ class Degradation:
             ``sr`` (downsampling by ``scale``, 4 for ``sr_x4``; ``sr_kernel`` says how), ``inpaint_box`` (one
             missing ``box``), ``inpaint_random`` (pixels missing with probability ``missing``), ``inpaint_mask``
             (the mask file(s) in ``mask``) or ``denoise``.
-        sigma_n: measurement noise std on the [0, 1] scale (added in benchmark mode, assumed in both modes).
+        sigma_n: measurement noise std on the [0, 1] scale (added in benchmark mode, assumed in both modes), in
+            [0, 1].
         kernel_size: odd size of generated kernels (the paper: 61).
         kernel_std: Gaussian std in pixels (the paper: 3.0).
         kernel_std_max: when set, each image's std is drawn uniformly from ``[kernel_std, kernel_std_max)`` (the
@@ -96,7 +99,7 @@ class Degradation:
         motion_intensity: camera-shake intensity in [0, 1] (the paper: 0.5).
         kernel: a kernel file (``.npy``, ``.pt``, image) shared by all images, or a folder of per-image kernels
             named ``<key>.<suffix>``. Replaces the generated kernel of the blur and ``sr_kernel="kernel"`` tasks.
-        scale: integer downsampling factor of ``sr``.
+        scale: integer downsampling factor of ``sr`` (at least 1).
         sr_kernel: ``"bicubic"`` (MATLAB-style bicubic downsampling, the paper's protocol) or ``"kernel"``
             (blur by the Gaussian ``kernel_size``/``kernel_std``, or ``kernel``, then keep every ``scale``-th pixel).
         box: side of the missing box (None: half the image's short side, 128 on 256x256 as in the paper).
@@ -123,8 +126,13 @@ class Degradation:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
-        if not (self.sigma_n >= 0 and self.sigma_n == self.sigma_n):
-            raise ValueError(f"sigma_n must be a number >= 0, got {self.sigma_n}")
+        if not 0 <= self.sigma_n <= SIGMA_N_MAX:  # also refuses NaN
+            raise ValueError(
+                f"sigma_n must lie in [0, {SIGMA_N_MAX:g}] (the noise std on the [0, 1] scale, e.g. 0.05 for "
+                f"12.75/255), got {self.sigma_n}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
+            raise ValueError(f"scale must be an integer >= 1 (the SR factor), got {self.scale!r}")
         if self.task == "sr_x4" and self.scale != 4:
             raise ValueError(f"task 'sr_x4' has scale 4, got scale={self.scale}: use task 'sr' for other scales")
         if self.task == "deblur" and self.kernel is None:
