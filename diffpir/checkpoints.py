@@ -33,6 +33,7 @@ __all__ = [
     "atomic_output",
     "atomic_save",
     "check_ckpt_args",
+    "disable_remote_configs",
     "file_kind",
     "guard_checkpoint_loading",
     "local_file",
@@ -215,3 +216,14 @@ def guard_checkpoint_loading(trainer: Any) -> Any:
 
     strategy.load_checkpoint = load_checkpoint
     return trainer
+
+
+def disable_remote_configs() -> None:
+    """Make jsonargparse read config files and values from local paths only.
+
+    Lightning's CLI module turns on jsonargparse's fsspec reading at import, so a value such as
+    ``--model.prior http://host/x`` or ``--config s3://...`` would be fetched (and parsed) before our checks ran.
+    Call this after importing ``lightning.pytorch.cli`` and before building a parser."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(config_read_mode_fsspec_enabled=False, config_read_mode_urls_enabled=False)

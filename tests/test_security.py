@@ -210,7 +210,14 @@ def evil_site(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/evil.ckpt"
-    yield SimpleNamespace(url=url, file_url=(root / "evil.ckpt").as_uri(), path=root / "evil.ckpt", marker=marker)
+    (root / "evil.yaml").write_text(f"ckpt_path: {url}\n")
+    yield SimpleNamespace(
+        url=url,
+        cfg_url=url.replace("evil.ckpt", "evil.yaml"),
+        file_url=(root / "evil.ckpt").as_uri(),
+        path=root / "evil.ckpt",
+        marker=marker,
+    )
     server.shutdown()
 
 
@@ -228,6 +235,7 @@ URL_CASES = {
         1,
         "weights_only: false is refused",
     ),
+    "train_validate_config_from_a_url": (["diffpir-train", "validate", "--config", "{cfg_url}"], 2, "evil.yaml"),
     "train_fit_flag_file_url": (["diffpir-train", "fit", "--ckpt_path", "{file_url}"], 1, "is a URL"),
     "train_fit_init_from_http": (["diffpir-train", "fit", "--model.init_from", "{url}"], 1, "is a URL"),
     "train_export_http": (["diffpir-train", "export", "--ckpt", "{url}", "--out", "x.safetensors"], 1, "is a URL"),
@@ -249,6 +257,7 @@ def test_checkpoints_from_urls_and_configs_never_run_code(case, evil_site, tmp_p
     cfg_http = _write(tmp_path / "evil_http.yaml", f"ckpt_path: {evil_site.url}\n")
     cfg_file = _write(tmp_path / "evil_file.yaml", f"ckpt_path: {evil_site.file_url}\nweights_only: false\n")
     fill = {"url": evil_site.url, "file_url": evil_site.file_url, "cfg_http": cfg_http, "cfg_file": cfg_file}
+    fill["cfg_url"] = evil_site.cfg_url
     argv = [a.format(**fill) for a in args]
     if argv[0] == "diffpir-train" and argv[1] != "export":
         argv[2:2] = ["--config", str(SMOKE), "--data.data_dir", str(data), "--data.crop_size", "16"]
@@ -293,6 +302,27 @@ def test_local_pickle_checkpoint_is_refused_even_with_weights_only_false(evil_si
         err = capsys.readouterr().err
         assert info.value.code == 1 and says in err and "Traceback" not in err, (extra, err[-1500:])
         assert not evil_site.marker.exists()
+
+
+def test_checkpoint_hyper_parameters_cannot_choose_classes(tmp_path, capsys, monkeypatch):
+    """A weights-only-clean checkpoint whose ``hyper_parameters`` name a class to build (``model.net.class_path``):
+    LightningCLI used to read them into the config, importing the module it names."""
+    from diffpir.training.cli import main as train_main
+
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_net_mod.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).mkdir()\nimport torch\nclass Net(torch.nn.Module):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["diffpir-train"])
+    ckpt = tmp_path / "clean.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {"class_path": "evil_net_mod.Net"}}}, ckpt)
+    data = _train_images(tmp_path / "data")
+    args = ["validate", "--config", str(SMOKE), "--data.data_dir", str(data), "--data.crop_size", "16"]
+    with pytest.raises(BaseException):  # noqa: B017 (the checkpoint does not fit: any error will do)
+        train_main([*args, "--ckpt_path", str(ckpt)])
+    assert not marker.exists() and "evil_net_mod" not in sys.modules
 
 
 @pytest.mark.parametrize(

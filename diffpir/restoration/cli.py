@@ -40,7 +40,7 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diffpir.checkpoints import guard_checkpoint_loading
+from diffpir.checkpoints import disable_remote_configs, guard_checkpoint_loading
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule, StopRequested
 from diffpir.restoration.trajectory import TrajectoryLogger
@@ -100,6 +100,7 @@ class RestoreCLI(LightningCLI):
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:
     """The CLI object (``run=False``: parse and instantiate only, e.g. to test a config)."""
+    disable_remote_configs()  # no config or value is fetched from a URL
     kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
     kwargs.setdefault("save_config_callback", None)
     kwargs.setdefault("seed_everything_default", False)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from diffpir.checkpoints import check_ckpt_args, guard_checkpoint_loading
+from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, guard_checkpoint_loading
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
 
@@ -71,6 +71,7 @@ class DiffpirCLI(LightningCLI):
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> DiffpirCLI:
     """The LightningCLI object (``run=False``: parse and instantiate only; then call ``cli.trainer.fit``)."""
+    disable_remote_configs()  # no config or value is fetched from a URL
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault(
         "parser_kwargs",
