@@ -69,8 +69,9 @@ from diffpir.io import remove_temp_files, safe_output_name, write_png_atomic
 SUBDIRS = ("restored", "degraded", "grid", "metrics")
 """The writer's sub-folders of ``output_dir``."""
 SETTINGS_FILE = "settings.json"
-UNRECORDED = {"model": ("show_steps", "tile_batch"), "data": ("batch_size", "num_workers", "limit")}
-"""Settings that do not change any output (batching, progress display), left out of ``settings.json``."""
+UNRECORDED = {"model": ("show_steps", "tile_batch"), "data": ("batch_size", "num_workers", "limit", "images", "truth")}
+"""Settings left out of ``settings.json``: those that do not change any output (batching, progress display), and the
+image and truth folders (outputs are keyed by image name, so a rerun from a moved or copied folder resumes)."""
 
 __all__ = [
     "METRIC_ORDER",
@@ -250,18 +251,14 @@ def _prior_digest(prior: Any) -> str | None:
 
 def output_settings(model_hparams: Any, data_hparams: Any | None) -> dict[str, Any]:
     """The settings that determine a folder's outputs: the module's and the data's hyper-parameters, less the
-    :data:`UNRECORDED` ones, with the prior file's SHA-256 and absolute image/truth folders (JSON types)."""
+    :data:`UNRECORDED` ones, with the prior file's SHA-256 (JSON types)."""
     model = {k: v for k, v in _public(model_hparams).items() if k not in UNRECORDED["model"]}
     digest = _prior_digest(model.get("prior"))
     if digest is not None:
         model["prior_sha256"] = digest
     out: dict[str, Any] = {"model": model}
     if data_hparams is not None:
-        data = {k: v for k, v in _public(data_hparams).items() if k not in UNRECORDED["data"]}
-        for k in ("images", "truth"):
-            if data.get(k):
-                data[k] = os.path.abspath(str(data[k]))
-        out["data"] = data
+        out["data"] = {k: v for k, v in _public(data_hparams).items() if k not in UNRECORDED["data"]}
     return _jsonable(out)
 
 
