@@ -1,15 +1,25 @@
 """Safe loading and atomic saving of checkpoint files.
 
 Loading never executes code from a file: torch files are read with ``torch.load(weights_only=True)`` (tensors,
-primitive containers and numbers only), and anything else that pickle could carry is refused.
+primitive containers and numbers only), and anything else that pickle could carry is refused. Only local regular
+files are loaded (:func:`local_file`): URLs (``http(s)://``, ``file://``, fsspec chains such as
+``simplecache::...``) are refused before anything is fetched, and FIFOs, folders and devices before they are opened.
+Lightning's own checkpoint loading (``--ckpt_path`` of ``diffpir-train fit|validate``) goes through the same checks:
+:func:`check_ckpt_args` vets the arguments up front and :func:`guard_checkpoint_loading` replaces the trainer's loader,
+so that neither a config (``weights_only: false``) nor a flag can re-enable pickles.
+
 Saving goes to a temporary file in the destination folder first, then ``os.replace`` moves it into place, so a
-crash or a full disk never leaves a truncated checkpoint under the final name.
+crash or a full disk never leaves a truncated checkpoint under the final name. Temporary files are named
+``.<final name>.diffpir-<pid>-<random>.tmp`` (:func:`temp_owner` reads the pid back), so that a cleanup only ever
+removes the leftovers of dead diffpir processes.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,22 +28,73 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_output", "atomic_save", "file_kind", "safe_torch_load"]
+__all__ = [
+    "CKPT_KEYWORDS",
+    "atomic_output",
+    "atomic_save",
+    "check_ckpt_args",
+    "disable_remote_configs",
+    "file_kind",
+    "guard_checkpoint_loading",
+    "local_file",
+    "safe_torch_load",
+    "temp_owner",
+]
 
 MapLocation = str | torch.device | None
+
+CKPT_KEYWORDS = ("last", "best", "hpc")
+"""``ckpt_path`` values Lightning resolves to a local checkpoint of the run itself (checked again once resolved)."""
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//|:)|::")  # scheme:// (http, file, s3, ...) or an fsspec chain
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+_TEMP_TAG = "diffpir"
+_TEMP = re.compile(r"^\.(?P<name>.+)\." + _TEMP_TAG + r"-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def local_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path:
+    """``path`` as a :class:`~pathlib.Path` once it is known to name a local regular file.
+
+    :raises ValueError: ``path`` is a URL (``http://``, ``https://``, ``file://``, ``s3://``, an fsspec chain
+        ``a::b``): nothing is downloaded, the user is told to download and check the file first; or it names a
+        FIFO, folder, device or socket (refused before it is opened: reading a FIFO would block for ever).
+    :raises FileNotFoundError: nothing exists at ``path``.
+    """
+    s = os.fsdecode(os.fspath(path))
+    if _URL.search(s):
+        raise ValueError(
+            f"{what} {s!r} is a URL: only local files are loaded, nothing is downloaded; download the file, "
+            f"check where it comes from, and pass its local path"
+        )
+    p = Path(s)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {p}") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {p}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{what} {p} is {kind}: give the path of a checkpoint file")
+    return p
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:
     """Sniff a checkpoint's format from its first bytes: ``"safetensors"``, ``"torch_zip"`` (``torch.save``),
-    ``"pickle"`` (legacy ``torch.save`` or a plain pickle) or ``"unknown"``."""
-    with open(path, "rb") as f:
+    ``"pickle"`` (legacy ``torch.save`` or a plain pickle) or ``"unknown"``.
+
+    The safetensors layout (an 8-byte little-endian header length, then the JSON header ``{...``) is tested before
+    the pickle opcode ``\\x80``: a header length whose low byte is 0x80 (one file in 256) starts with that byte too.
+    A pickle can never pass for safetensors: after ``\\x80`` and the protocol byte come opcodes, which make the
+    would-be header length far above the limit of 100 MB.
+    """
+    with open(local_file(path), "rb") as f:
         head = f.read(9)
     if head[:2] == b"PK":
         return "torch_zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _SAFETENSORS_MAX_HEADER:
+        return "safetensors"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
-        return "safetensors"
     return "unknown"
 
 
@@ -44,9 +105,7 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: MapLocation = "c
     :raises ValueError: the file carries code or objects other than tensors, numbers, strings and plain
         containers (it was refused without running anything), or it is not a torch file at all.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = local_file(path)
     kind = file_kind(path)
     if kind not in ("torch_zip", "pickle"):
         raise ValueError(f"{path} is not a torch checkpoint (its first bytes look like: {kind})")
@@ -76,18 +135,32 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{_TEMP_TAG}-{os.getpid()}-"
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield tmp
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file: give the final file the mode a plain
+        # open() would give it (0666 less the umask), as every other output has.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid of the process that made the temporary file ``name`` (a file name of :func:`atomic_output`'s
+    form), or None when ``name`` is not one of ours."""
+    m = _TEMP.match(name)
+    return int(m.group("pid")) if m else None
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -95,3 +168,62 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning's checkpoint loading (``ckpt_path``)
+# ---------------------------------------------------------------------------------------------------------
+def check_ckpt_args(ckpt_path: Any, weights_only: Any = None) -> None:
+    """Vet a Lightning subcommand's ``ckpt_path`` and ``weights_only`` before anything is built or loaded.
+
+    ``ckpt_path`` may be None, one of :data:`CKPT_KEYWORDS` (resolved by Lightning to a local file, which
+    :func:`guard_checkpoint_loading` checks again) or a local regular file. ``weights_only`` may be None or True:
+    checkpoints are always loaded with ``weights_only=True``.
+
+    :raises ValueError: a URL, a non-regular file, ``"registry"`` (a download), or ``weights_only`` false.
+    :raises FileNotFoundError: no such file.
+    """
+    if weights_only is not None and not weights_only:
+        raise ValueError(
+            "weights_only: false is refused: checkpoints are always loaded with weights_only=True (tensors and plain "
+            "containers, never code); remove the setting"
+        )
+    if ckpt_path is None or ckpt_path in CKPT_KEYWORDS:
+        return
+    if str(ckpt_path).startswith("registry"):
+        raise ValueError(
+            f"ckpt_path {ckpt_path!r}: checkpoints are not downloaded from a model registry; download the file, "
+            f"check where it comes from, and pass its local path"
+        )
+    local_file(ckpt_path, "ckpt_path")
+
+
+def guard_checkpoint_loading(trainer: Any) -> Any:
+    """Make ``trainer`` load checkpoints (``fit/validate/test/predict(ckpt_path=...)``, including ``last``, ``best``,
+    ``hpc`` once resolved) only from local regular files and only with ``torch.load(weights_only=True)``, whatever
+    ``weights_only`` it is asked for. Returns ``trainer``.
+
+    Lightning hands a ``ckpt_path`` to ``trainer.strategy.load_checkpoint``, which would open URLs through fsspec and
+    load ``http(s)`` ones with ``weights_only=False``; this replaces that method on the trainer's strategy.
+    """
+    strategy = trainer.strategy
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        ckpt = safe_torch_load(local_file(checkpoint_path, "ckpt_path"), map_location="cpu")
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{checkpoint_path} is not a Lightning checkpoint (a dict)")
+        return ckpt
+
+    strategy.load_checkpoint = load_checkpoint
+    return trainer
+
+
+def disable_remote_configs() -> None:
+    """Make jsonargparse read config files and values from local paths only.
+
+    Lightning's CLI module turns on jsonargparse's fsspec reading at import, so a value such as
+    ``--model.prior http://host/x`` or ``--config s3://...`` would be fetched (and parsed) before our checks ran.
+    Call this after importing ``lightning.pytorch.cli`` and before building a parser."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(config_read_mode_fsspec_enabled=False, config_read_mode_urls_enabled=False)

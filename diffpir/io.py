@@ -6,9 +6,13 @@ fall back to Pillow. Conversions: palette images are expanded, alpha is dropped 
 the ITU-R 601 luma weights, grey -> RGB repeats the channel; 16-bit images keep their precision; float TIFFs
 (Pillow mode ``F``) are read as they are (values on the [0, 1] scale, not clipped).
 
+Orientation: the EXIF orientation tag (phone photos) is applied, so images are read upright (and restorations
+written upright).
+
 Untrusted files: the header is read first (Pillow, no pixel data) so that an image above ``max_pixels`` is refused
-before it is decoded (decompression bombs); truncated, empty and non-image files and images with NaN or infinite
-values raise a ``ValueError`` that names the file and says what to do.
+before it is decoded (decompression bombs); truncated, empty, animated (GIF/WebP/PNG with several frames) and
+non-image files, FIFOs and devices, and images with NaN or infinite values raise a ``ValueError`` that names the file
+and says what to do.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from diffpir.checkpoints import atomic_output
+from diffpir.checkpoints import atomic_output, temp_owner
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -30,17 +36,23 @@ __all__ = [
     "ImageTooLargeError",
     "image_header",
     "list_image_files",
+    "exif_orientation",
+    "image_frames",
+    "pid_alive",
     "read_image",
     "remove_temp_files",
     "safe_output_name",
     "to_uint8",
+    "upright",
     "write_png_atomic",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TEMP_SUFFIX = ".tmp"  # what diffpir.checkpoints.atomic_output names its temporary files
-"""Temporary files of the atomic writes are ``.<final name>.<random>.tmp`` (hidden, next to the final file)."""
+"""Temporary files of the atomic writes are ``.<final name>.diffpir-<pid>-<random>.tmp`` (hidden, next to the final
+file)."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HASHED = re.compile(r"(^|-)[0-9a-f]{8}$")  # what safe_output_name appends; plain keys of this form get hashed too
 _MAX_NAME = 120
 _TORCHVISION_WHERE = re.compile(r"^[\w()<>]+, \S+:\d+, ")  # "decode_png, /path/decode_png.cpp:79, " prefixes
 
@@ -71,17 +83,33 @@ def list_image_files(root: str | os.PathLike) -> list[Path]:
 def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
     """``(height, width, Pillow mode)`` of an image file from its header, without decoding the pixels.
 
-    Raises ``ValueError`` naming the file when Pillow does not recognise it as an image.
+    The size is that of the upright image (the EXIF orientation applied). Raises ``ValueError`` naming the file
+    when Pillow does not recognise it as an image, or when it is not a regular file.
     """
+    h, w, mode, _, _ = _header(Path(path))
+    return h, w, mode
+
+
+def image_frames(path: str | os.PathLike) -> int:
+    """The number of frames of an image file (1 for still images; more for animated GIF, WebP, PNG)."""
+    return _header(Path(path))[3]
+
+
+def _header(path: Path) -> tuple[int, int, str, int, int]:
+    """``(height, width, mode, frames, EXIF orientation)`` from the header (see :func:`image_header`)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    _regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             with Image.open(path) as im:
                 w, h = im.size
-                return int(h), int(w), str(im.mode)
+                orientation = _orientation(im)
+                if orientation in (5, 6, 7, 8):  # stored on its side: read upright
+                    h, w = w, h
+                frames = int(getattr(im, "n_frames", 1) or 1)
+                return int(h), int(w), str(im.mode), frames, orientation
     except Image.DecompressionBombError as err:
         # Pillow refuses above 2 * MAX_IMAGE_PIXELS already at open(); parse the size from its message.
         m = re.search(r"\((\d+) pixels\)", str(err))
@@ -98,6 +126,67 @@ def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
         raise ValueError(
             f"cannot read image file {str(path)!r}: {err} (the file is truncated or corrupt: re-export or remove it)"
         ) from None
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (1..8) still to apply to an open Pillow image's pixels; 1 (upright) when absent or
+    malformed, and for TIFF, whose orientation Pillow applies itself (its size is already upright)."""
+    if im.format == "TIFF":
+        return 1
+    try:
+        value = int(im.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: decoders ignore it too
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The EXIF orientation (1..8) of an image file, from its header; 1 when absent (or not an image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return _orientation(im)
+    except Exception:
+        return 1
+
+
+def upright(img: Tensor, orientation: int) -> Tensor:
+    """An image ``[..., H, W]`` as stored, turned upright for its EXIF ``orientation`` (as Pillow's
+    ``ImageOps.exif_transpose`` does; 1 or an unknown value: unchanged)."""
+    return _upright(img, orientation)
+
+
+def _upright(img: Tensor, orientation: int) -> Tensor:
+    """``img`` ``[C, H, W]`` as stored, turned upright for its EXIF ``orientation`` (Pillow's ``exif_transpose``)."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1))
+    return img
+
+
+def _regular(path: Path) -> None:
+    """Refuse FIFOs, devices and folders before opening them (reading a FIFO blocks for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows reports it
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"image file {str(path)!r} is not a regular file (a folder, FIFO or device): remove it")
 
 
 def _decode_float(path: Path, channels: int | None) -> Tensor:
@@ -164,11 +253,16 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
     path = Path(path)
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    _regular(path)
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"image file {str(path)!r} is empty (0 bytes); re-export or remove it")
-    h, w, pil_mode = image_header(path)
+    h, w, pil_mode, frames, orientation = _header(path)
+    if frames > 1:
+        raise ValueError(
+            f"image file {str(path)!r} is animated ({frames} frames): save the frame to restore as a PNG and use that"
+        )
     if max_pixels is not None and h * w > max_pixels:
         raise ImageTooLargeError(
             f"image file {str(path)!r} is {w}x{h} = {h * w} pixels, above the limit of {max_pixels} pixels; "
@@ -184,6 +278,7 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
         ) from err
     if img.ndim == 2:
         img = img[None]
+    img = _upright(img, orientation)
     if channels is None and img.shape[0] in (2, 4):
         img = img[:-1]  # drop alpha
     if img.dtype == torch.uint16:
@@ -228,18 +323,38 @@ def write_png_atomic(img: Tensor, path: str | os.PathLike, compression_level: in
     return path
 
 
-def remove_temp_files(root: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that atomic writes left under ``root`` when a run was killed.
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    Only hidden files named like ours (``.<name>.<random>.tmp``) are removed, recursively; returns their paths.
-    Call it before a run starts writing (not while another process writes into ``root``).
+
+def remove_temp_files(root: str | os.PathLike, subdirs: Iterable[str] = ()) -> list[Path]:
+    """Delete the temporary files that atomic writes of killed runs left in ``root`` and ``root/<subdir>``.
+
+    Not recursive: only these folders are looked at. Only regular files named like ours
+    (``.<name>.diffpir-<pid>-<random>.tmp``, see :func:`diffpir.checkpoints.atomic_output`) whose process ``pid`` no
+    longer runs are removed, so the in-progress files of another live run and anyone else's hidden ``.a.b.tmp``
+    files are left alone. Returns the removed paths.
     """
     root = Path(root)
-    if not root.is_dir():
-        return []
     removed = []
-    for p in root.rglob(f".*{TEMP_SUFFIX}"):
-        if p.is_file() and p.name.count(".") >= 3:
+    for folder in [root, *(root / s for s in subdirs)]:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            pid = temp_owner(p.name)
+            if pid is None or pid_alive(pid) and pid != os.getpid():
+                continue
+            if p.is_symlink() or not p.is_file():
+                continue
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -248,16 +363,18 @@ def remove_temp_files(root: str | os.PathLike) -> list[Path]:
 def safe_output_name(key: str) -> str:
     """A file name (no folder part, no suffix) for an image key that cannot escape the output folder.
 
-    Keys made of letters, digits, ``.``, ``_`` and ``-`` starting with a letter or digit are kept as they are. Any
-    other key (path separators, ``..``, spaces, non-ASCII, a leading dot or dash, overlong) has every other
+    Keys made of letters, digits, ``.``, ``_`` and ``-`` starting with a letter or digit are kept as they are,
+    unless they end like a hashed name (``-`` and 8 hex digits, or 8 hex digits alone). Any other key (path
+    separators, ``..``, spaces, non-ASCII, a leading dot or dash, overlong, or looking hashed) has every other
     character replaced by ``_``, leading dots and dashes removed (no hidden files, nothing a shell takes for an
-    option) and an 8-hex-digit hash of the original key appended, so distinct keys keep distinct names:
-    ``"sub/cat"`` -> ``"sub_cat-<hash>"``, ``"-rf"`` -> ``"rf-<hash>"``.
+    option) and an 8-hex-digit hash of the original key appended: ``"sub/cat"`` -> ``"sub_cat-<hash>"``,
+    ``"-rf"`` -> ``"rf-<hash>"``, ``"my_photo-5fe47574"`` -> ``"my_photo-5fe47574-<hash>"``. So a kept name never
+    looks hashed, and two keys share a name only if their hashes collide (the data module refuses that too).
     """
     key = str(key)
     if not key:
         raise ValueError("an image key must not be empty")
-    if _SAFE.match(key) and len(key) <= _MAX_NAME:
+    if _SAFE.match(key) and len(key) <= _MAX_NAME and not _HASHED.search(key):
         return key
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     body = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".-")[:_MAX_NAME].rstrip(".")

@@ -11,7 +11,13 @@ Everything here works on the network's [-1, 1] scale.
 (b) our Lightning training checkpoints (``.ckpt``) carrying ``checkpoint["diffpir_prior"]`` (EMA weights);
 (c) guided-diffusion state dicts (``ffhq_10m.pt``, ``256x256_diffusion_uncond.pt``) with ``preset=``
     (detected from the keys and shapes when ``preset`` is left out);
-(d) bundled priors by name (``load_prior("digits")``): ``diffpir/assets/priors/<name>.safetensors``.
+(d) bundled priors by name (``load_prior("digits")``): ``diffpir/assets/priors/<name>.safetensors``. A bare name
+    (no folder part, no suffix) that is a bundled prior always means the bundled one, whatever the current folder
+    holds: write ``./natural`` for a local file of that name.
+
+Untrusted files: only local regular files are read (URLs, FIFOs, folders refused first); the UNet config and schedule
+a file describes are bounded (:data:`LIMITS`) and checked against the tensors present before anything is built;
+corrupt, truncated or malformed files give a ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,14 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffpir.checkpoints import MapLocation, atomic_output, file_kind, safe_torch_load
+from diffpir.checkpoints import MapLocation, atomic_output, file_kind, local_file, safe_torch_load
 from diffpir.models import PRESETS, UNet, build_unet
 from diffpir.schedule import NoiseSchedule
 
 __all__ = [
     "BUNDLED_DIR",
+    "LIMITS",
     "Prior",
     "available_priors",
+    "check_unet_config",
     "export_prior",
     "load_prior",
     "prior_payload",
@@ -49,6 +58,20 @@ METADATA_KEY = "diffpir_prior"
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "priors"
 
 SizeMode = Literal["pad", "any"]
+
+LIMITS: dict[str, int] = {
+    "T": 100_000,  # schedule steps (the official priors: 1000)
+    "num_res_blocks": 64,
+    "channel_mult": 16,  # levels
+    "mult": 64,  # each channel_mult entry
+    "model_channels": 8192,
+    "channels": 64,  # in_channels, out_channels
+    "image_size": 1 << 16,
+    "attention_resolutions": 64,
+    "heads": 4096,  # num_heads, num_head_channels, num_heads_upsample, norm_groups
+}
+"""Bounds on what a prior file may describe, checked before anything is built (a 56 KB file must not be able to ask
+for 22 GiB of schedule or a network with a million blocks)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,13 +254,91 @@ def schedule_to_dict(schedule: NoiseSchedule) -> dict[str, Any]:
 
 
 def schedule_from_dict(d: Mapping[str, Any]) -> NoiseSchedule:
-    """Inverse of :func:`schedule_to_dict`."""
+    """Inverse of :func:`schedule_to_dict`. The number of steps is bounded by ``LIMITS["T"]`` (checked before any
+    table is built) and every beta must lie in (0, 1) (ValueError otherwise)."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a schedule must be a mapping, got {type(d).__name__}")
     kind = d.get("kind", "linear")
     if kind == "linear":
-        return NoiseSchedule.linear(int(d["T"]), float(d["beta_start"]), float(d["beta_end"]))
+        T = _bounded_int(d["T"], "schedule T", 2, LIMITS["T"])
+        b0, b1 = float(d["beta_start"]), float(d["beta_end"])
+        for name, b in (("beta_start", b0), ("beta_end", b1)):
+            if not 0 < b < 1:
+                raise ValueError(f"schedule {name} must lie in (0, 1), got {b}")
+        return NoiseSchedule.linear(T, b0, b1)
     if kind == "betas":
-        return NoiseSchedule(np.asarray(d["betas"], dtype=np.float64))
+        betas = d["betas"]
+        if not isinstance(betas, (list, tuple)) or not 2 <= len(betas) <= LIMITS["T"]:
+            n = len(betas) if isinstance(betas, (list, tuple)) else type(betas).__name__
+            raise ValueError(f"schedule betas must be a list of 2 to {LIMITS['T']} numbers, got {n}")
+        arr = np.asarray(betas, dtype=np.float64)
+        bad = np.flatnonzero(~((arr > 0) & (arr < 1)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"schedule betas must lie in (0, 1) (a beta of 1 leaves no signal), got betas[{i}] = {arr[i]}"
+            )
+        return NoiseSchedule(arr)
     raise ValueError(f"unknown schedule kind {kind!r} (known: 'linear', 'betas')")
+
+
+def _bounded_int(value: Any, what: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]`` (integral floats accepted); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} must lie in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def check_unet_config(config: Any, n_tensors: int | None = None) -> dict[str, Any]:
+    """Check a UNet config read from a file before it is built: known keys, sizes within :data:`LIMITS`, and (when
+    ``n_tensors`` is given) no more blocks than the file has tensors for. Returns it as a dict.
+
+    :raises ValueError: naming the entry that is out of bounds.
+    """
+    import inspect
+
+    if not isinstance(config, Mapping):
+        raise ValueError(f"the UNet config must be a mapping, got {type(config).__name__}")
+    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown UNet config entries {unknown}")
+    for key in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
+        if key not in config:
+            raise ValueError(f"the UNet config lacks {key!r}")
+    _bounded_int(config["num_res_blocks"], "num_res_blocks", 1, LIMITS["num_res_blocks"])
+    _bounded_int(config["model_channels"], "model_channels", 1, LIMITS["model_channels"])
+    _bounded_int(config["image_size"], "image_size", 1, LIMITS["image_size"])
+    for key in ("in_channels", "out_channels"):
+        _bounded_int(config[key], key, 1, LIMITS["channels"])
+    for key in ("num_heads", "num_head_channels", "num_heads_upsample", "norm_groups"):
+        if key in config:
+            _bounded_int(config[key], key, -1, LIMITS["heads"])
+    mult = config.get("channel_mult", (1, 2, 4, 8))
+    if not isinstance(mult, (list, tuple)) or not 1 <= len(mult) <= LIMITS["channel_mult"]:
+        n = len(mult) if isinstance(mult, (list, tuple)) else type(mult).__name__
+        raise ValueError(f"channel_mult must be a list of 1 to {LIMITS['channel_mult']} numbers, got {n}")
+    for m in mult:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= LIMITS["mult"]:
+            raise ValueError(f"channel_mult entries must lie in (0, {LIMITS['mult']}], got {m!r}")
+    att = config.get("attention_resolutions", ())
+    if not isinstance(att, (list, tuple)) or len(att) > LIMITS["attention_resolutions"]:
+        raise ValueError(f"attention_resolutions must be a list of at most {LIMITS['attention_resolutions']} numbers")
+    for r in att:
+        _bounded_int(r, "attention_resolutions entry", 1, LIMITS["image_size"])
+    if n_tensors is not None:
+        # Every level has num_res_blocks input and num_res_blocks + 1 output ResBlocks of several tensors each.
+        blocks = len(mult) * (2 * int(config["num_res_blocks"]) + 1)
+        if blocks > n_tensors:
+            raise ValueError(
+                f"the UNet config describes {blocks} blocks but the file holds only {n_tensors} tensors: the config "
+                f"does not match the weights"
+            )
+    return dict(config)
 
 
 def prior_payload(net: UNet, schedule: NoiseSchedule) -> dict[str, Any]:
@@ -292,22 +393,25 @@ def available_priors() -> list[str]:
 
 
 def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
+    """The file a path or bundled name stands for: a bare name of a bundled prior is always the bundled file (a file
+    or folder of that name in the current folder cannot shadow it); anything else must be a local regular file."""
     s = os.fspath(path_or_name)
     p = Path(s)
-    if p.exists():
-        return p
     is_name = isinstance(path_or_name, str) and "/" not in s and os.sep not in s and not p.suffix
     if is_name:
         bundled = BUNDLED_DIR / f"{s}.safetensors"
-        if bundled.is_file():
+        if s in available_priors() and bundled.is_file():
             return bundled
+    if os.path.lexists(p) or not is_name:
+        return local_file(s, "prior file")
+    if is_name:
         hint = ""
         if s in PRESETS:
             hint = f" {s!r} is a UNet preset: pass the checkpoint path and preset={s!r}."
         raise FileNotFoundError(
             f"no prior file or bundled prior named {s!r}; bundled priors: {available_priors() or 'none'}.{hint}"
         )
-    raise FileNotFoundError(f"prior file not found: {p}")
+    raise FileNotFoundError(f"prior file not found: {p}")  # pragma: no cover (local_file raised)
 
 
 @functools.cache
@@ -378,6 +482,24 @@ def _build_loaded(config: Mapping[str, Any], state_dict: Mapping[str, Tensor], s
     return net
 
 
+def _read_safetensors(path: Path, map_location: MapLocation) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Metadata and tensors of a safetensors file; a corrupt or truncated file (an interrupted download) raises a
+    ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return dict(meta), load_file(str(path), device=str(map_location or "cpu"))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise ValueError(
+            f"cannot read prior file {path}: {lines[0] if lines else type(err).__name__} (the file is truncated or "
+            f"corrupt, e.g. an interrupted download: download or export it again)"
+        ) from None
+
+
 def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
 
@@ -405,18 +527,20 @@ def load_prior(
     kind = file_kind(path)
     payload: Mapping[str, Any] | None = None
     if kind == "safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state_dict: Mapping[str, Tensor] = load_file(str(path), device=str(map_location or "cpu"))
+        meta, state_dict = _read_safetensors(path, map_location)
         if METADATA_KEY in meta:
-            payload = json.loads(meta[METADATA_KEY])
+            try:
+                payload = json.loads(meta[METADATA_KEY])
+            except ValueError as err:
+                raise ValueError(f"{path}: malformed '{METADATA_KEY}' metadata (not JSON: {err})") from None
+            if not isinstance(payload, Mapping):
+                raise ValueError(f"{path}: malformed '{METADATA_KEY}' metadata (not a JSON object)")
     else:
         obj = safe_torch_load(path, map_location=map_location)
         if isinstance(obj, Mapping) and METADATA_KEY in obj:  # (b) our Lightning checkpoint
             payload = obj[METADATA_KEY]
+            if not isinstance(payload, Mapping) or not _tensor_dict(payload.get("state_dict")):
+                raise ValueError(f"{path}: malformed '{METADATA_KEY}' entry (no state_dict of tensors)")
             state_dict = payload["state_dict"]
         elif isinstance(obj, Mapping) and {"format", "unet", "state_dict"} <= set(obj):
             payload = obj  # the payload saved on its own
@@ -429,11 +553,21 @@ def load_prior(
             raise ValueError(f"{path} holds neither a diffpir prior ('{METADATA_KEY}') nor a state dict of tensors")
 
     if payload is not None:
-        if int(payload.get("format", -1)) != FORMAT:
-            raise ValueError(f"{path}: unsupported diffpir prior format {payload.get('format')!r}")
-        net = _build_loaded(payload["unet"], state_dict, str(path), "the UNet described in the file")
-        if schedule is None and payload.get("schedule"):
-            schedule = schedule_from_dict(payload["schedule"])
+        if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+            fmt = payload.get("format") if isinstance(payload, Mapping) else payload
+            raise ValueError(f"{path}: unsupported diffpir prior format {fmt!r}")
+        if not _tensor_dict(state_dict):
+            raise ValueError(f"{path}: the prior's state_dict is not a mapping of tensors")
+        try:
+            # Bound what the file describes before anything is built or allocated.
+            config = check_unet_config(payload.get("unet"), n_tensors=len(state_dict))
+            file_schedule = schedule_from_dict(payload["schedule"]) if payload.get("schedule") else None
+        except (KeyError, TypeError, ValueError) as err:
+            what = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{path}: malformed diffpir prior metadata: {what}") from None
+        net = _build_loaded(config, state_dict, str(path), "the UNet described in the file")
+        if schedule is None and file_schedule is not None:
+            schedule = file_schedule
     else:
         state_dict = _strip_prefix(state_dict)
         if preset is None:

@@ -165,6 +165,15 @@ def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def stop_gracefully_on_sigterm() -> None:
+    """Drop the watchdog's exit-at-once SIGTERM handler, so that Lightning's own handler (installed when a run
+    starts) only records the signal and the run stops at its next check (restoration: before the next image, nothing
+    partial left). The watchdog's pipe still sees the signal: the grace-period hard stop and the forwarding to DDP
+    processes stay. A no-op unless the watchdog installed that handler."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _exit_on_signal:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _hard_exit(signum: int) -> None:
     _signal_children(signal.SIGKILL)
     try:

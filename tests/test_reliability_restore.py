@@ -453,8 +453,9 @@ def test_leftovers_of_a_crash_are_cleaned_and_nothing_is_lost(prior_file, tmp_pa
     out = tmp_path / "out"
     _predict(str(prior_file), images, out, spec)
     # What a SIGKILL can leave: temporary files, a row cut short, rows without PNGs.
-    (out / "restored" / ".img3.png.k2j3h4.tmp").write_bytes(b"\x89PNG partial")
-    (out / ".metrics.csv.abc123.tmp").write_text("key,fi")
+    dead = _dead_pid()
+    (out / "restored" / f".img3.png.diffpir-{dead}-k2j3h4.tmp").write_bytes(b"\x89PNG partial")
+    (out / f".metrics.csv.diffpir-{dead}-abc123.tmp").write_text("key,fi")
     (out / "restored" / "img3.png").unlink()
     (out / "restored" / "img4.png").unlink()
     with open(out / "metrics" / "rank0.jsonl", "a") as f:
@@ -470,13 +471,29 @@ def test_leftovers_of_a_crash_are_cleaned_and_nothing_is_lost(prior_file, tmp_pa
     assert sum(1 for ln in lines if ln.startswith('{"key": "img3", "file"')) == 2  # the new row is intact
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (what a SIGKILLed run leaves in its temporary file names)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
 def test_remove_temp_files_only_removes_ours(tmp_path):
-    ours = [tmp_path / ".a.png.x1y2z3.tmp", tmp_path / "sub" / ".summary.json.q.tmp"]
-    theirs = [tmp_path / "a.tmp", tmp_path / ".hidden.tmp", tmp_path / "a.png"]
+    dead, live = _dead_pid(), os.getppid()
+    ours = [tmp_path / f".a.png.diffpir-{dead}-x1y2z3.tmp", tmp_path / "sub" / f".summary.json.diffpir-{dead}-q.tmp"]
+    theirs = [
+        tmp_path / "a.tmp",
+        tmp_path / ".hidden.tmp",
+        tmp_path / ".a.b.tmp",  # someone else's hidden temporary file
+        tmp_path / ".a.png.x1y2z3.tmp",
+        tmp_path / "a.png",
+        tmp_path / f".b.png.diffpir-{live}-x1y2z3.tmp",  # a live run's write in progress
+        tmp_path / "other" / f".c.png.diffpir-{dead}-x1y2z3.tmp",  # not one of the folders to clean
+    ]
     for p in ours + theirs:
         p.parent.mkdir(exist_ok=True)
         p.write_text("x")
-    assert sorted(remove_temp_files(tmp_path)) == sorted(ours)
+    assert sorted(remove_temp_files(tmp_path, ["sub"])) == sorted(ours)
     assert all(p.exists() for p in theirs)
 
 

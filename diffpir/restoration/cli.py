@@ -12,6 +12,10 @@ Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``
 (:class:`~diffpir.restoration.TrajectoryLogger`, always on; ``--trajectory.first_k 0`` turns it off).
 The full config is saved as ``<writer.output_dir>/config.yaml``.
 
+Restoration never loads a Lightning checkpoint: ``predict`` has no ``--ckpt_path`` or ``--weights_only`` (the prior
+comes from ``--model.prior``, read by :func:`diffpir.prior.load_prior`), and the trainer's checkpoint loader is
+guarded anyway (:func:`diffpir.checkpoints.guard_checkpoint_loading`).
+
 Errors and exit status: a wrong option or config key is reported by jsonargparse (the key named, usage shown,
 status 2). An error that stops the run before it restores anything (a prior file that is missing, refused
 because it carries code, or does not fit; no images found; a degradation setting that concerns every image, checked
@@ -19,7 +23,10 @@ before the prior loads: a missing or unreadable kernel/mask file, an even ``kern
 without ``--data.degradation.mask``, ...) prints one line ``diffpir-restore: error: ...`` without a traceback (set
 ``DIFFPIR_DEBUG=1`` to get it) and exits with status 1. Images that cannot be restored
 are reported one by one and skipped while the others are restored; the run then ends with
-``restored N of M images; K failed: see <output_dir>/failed.json`` and exit status 1.
+``restored N of M images; K failed: see <output_dir>/failed.json`` and exit status 1; the status is 1 too whenever
+a requested image is missing at the end. An output folder holding restorations made with other settings is refused
+before anything is written (status 1). SIGTERM stops the run before the next image (what is restored stays, nothing
+partial is left): one line, status 143; the same command resumes.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from diffpir.checkpoints import disable_remote_configs, guard_checkpoint_loading
 from diffpir.restoration.data import RestorationDataModule
-from diffpir.restoration.module import RestorationModule
+from diffpir.restoration.module import RestorationModule, StopRequested
 from diffpir.restoration.tasks import Degradation, check_run
 from diffpir.restoration.trajectory import TrajectoryLogger
 from diffpir.restoration.writer import RestorationWriter, write_text_atomic
-from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console
+from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, stop_gracefully_on_sigterm
 
 __all__ = ["USER_ERRORS", "RestoreCLI", "build_cli", "main", "report_error"]
 
@@ -57,7 +65,9 @@ class RestoreCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule"}}
+        # ckpt_path/weights_only are left out: restoration never loads a Lightning checkpoint (a flag or a config
+        # could otherwise make Lightning fetch a URL and unpickle it).
+        return {"predict": {"model", "dataloaders", "datamodule", "ckpt_path", "weights_only", "return_predictions"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
@@ -81,20 +91,19 @@ class RestoreCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         from diffpir.training.cli import watch_launched_processes
 
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = guard_checkpoint_loading(super().instantiate_trainer(**kwargs))
         watch_launched_processes(trainer)
         return trainer
 
-    def predict(self, model, datamodule=None, return_predictions: bool | None = None, ckpt_path=None, **kwargs):
-        """``Trainer.predict`` without keeping the predictions in memory (the writer stores them)."""
+    def predict(self, model, datamodule=None, **kwargs):
+        """``Trainer.predict`` without keeping the predictions in memory (the writer stores them) and without a
+        checkpoint. The output folder's settings are checked before ``config.yaml`` is written."""
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RestorationWriter):
+                cb.check_settings(model, datamodule, write=rank_zero_only.rank == 0)
+        stop_gracefully_on_sigterm()  # SIGTERM: stop before the next image (StopRequested), not in the middle
         self._save_config()
-        return self.trainer.predict(
-            model,
-            datamodule=datamodule,
-            return_predictions=bool(return_predictions),
-            ckpt_path=ckpt_path,
-            **kwargs,
-        )
+        return self.trainer.predict(model, datamodule=datamodule, return_predictions=False, ckpt_path=None)
 
     @rank_zero_only
     def _save_config(self) -> None:
@@ -107,9 +116,16 @@ class RestoreCLI(LightningCLI):
         """Images the run could not restore (0 before a run)."""
         return sum(int(getattr(cb, "failed", 0)) for cb in self.trainer.callbacks if isinstance(cb, RestorationWriter))
 
+    @property
+    def missing(self) -> int:
+        """Requested images neither restored nor failed at the end of the run (0 before a run)."""
+        writers = [cb for cb in self.trainer.callbacks if isinstance(cb, RestorationWriter)]
+        return sum(int(getattr(cb, "missing", 0)) for cb in writers)
+
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:
     """The CLI object (``run=False``: parse and instantiate only, e.g. to test a config)."""
+    disable_remote_configs()  # no config or value is fetched from a URL
     kwargs.setdefault("trainer_defaults", {**TRAINER_DEFAULTS, "enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault("save_config_callback", None)
     kwargs.setdefault("seed_everything_default", False)
@@ -158,6 +174,10 @@ def report_error(prog: str, err: BaseException) -> None:
         raise err
     err = _reason(err)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    if lines[0].startswith("Does not validate against any of the Union subtypes"):
+        # jsonargparse wraps what a class refused (e.g. Degradation's checks) in a union error: show the reason
+        reasons = [ln[2:] for ln in lines if ln.startswith("- ") and not ln.startswith("- Expected a <class")]
+        lines = reasons[:1] or lines
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: say so, and why
         why = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln][:1]
         lines = [
@@ -173,18 +193,25 @@ def report_error(prog: str, err: BaseException) -> None:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``diffpir-restore`` (``python -m diffpir.restoration.cli``).
 
-    Exits with status 1 when images could not be restored (see ``failed.json``) or when the run could not start
-    (one-line message, see the module docstring); 2 for a wrong option or config key."""
+    Exits with status 1 when images could not be restored (see ``failed.json``) or are missing, or when the run could
+    not start (one-line message, see the module docstring); 2 for a wrong option or config key; 143 after SIGTERM."""
     _log_to_stderr()
     quiet_console()
     if args is None:  # the console script's own process (and its DDP workers), not a caller's: see the docstring
         install_stop_watchdog()
     try:
         cli = build_cli(None if args is None else list(args))
+    except StopRequested:
+        print(
+            "diffpir-restore: stopped by SIGTERM before the next image: what was restored is kept, nothing partial is "
+            "left; run the same command again to restore the rest",
+            file=sys.stderr,
+        )
+        raise SystemExit(143) from None
     except USER_ERRORS as err:
         report_error("diffpir-restore", err)
         return
-    if cli.subcommand == "predict" and cli.failed:
+    if cli.subcommand == "predict" and (cli.failed or cli.missing):
         raise SystemExit(1)
 
 

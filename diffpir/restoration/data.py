@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffpir.io import list_image_files, read_image
+from diffpir.io import ImageTooLargeError, image_header, list_image_files, read_image, safe_output_name
 from diffpir.operators import Operator
 from diffpir.restoration.tasks import (
     Degradation,
@@ -68,14 +68,19 @@ DEFAULT_MAX_PIXELS = 1 << 25
 def image_keys(root: Path, files: Sequence[Path]) -> list[str]:
     """Keys of ``files`` under ``root``: relative paths without suffix, ``/``-separated.
 
-    Raises ``ValueError`` when two files share a key (``cat.png`` and ``cat.jpg``)."""
+    Raises ``ValueError`` when two files share a key (``cat.png`` and ``cat.jpg``) or an output name
+    (:func:`diffpir.io.safe_output_name`)."""
     keys: dict[str, Path] = {}
+    names: dict[str, Path] = {}
     for f in files:
         rel = f.relative_to(root) if root.is_dir() else Path(f.name)
         key = rel.with_suffix("").as_posix()
         if key in keys:
             raise ValueError(f"two images share the key {key!r}: {keys[key]} and {f}; rename one of them")
-        keys[key] = f
+        name = safe_output_name(key)
+        if name in names:  # safe_output_name keeps distinct keys apart unless their hashes collide: never silently
+            raise ValueError(f"{names[name]} and {f} would both be written as {name}.png; rename one of them")
+        keys[key], names[name] = f, f
     return list(keys)
 
 
@@ -281,6 +286,8 @@ class RestorationDataset(Dataset):
 
     def _item(self, i: int) -> RestorationItem:
         key, spec = self.keys[i], self.spec
+        if self.mode == "real":
+            self._check_output_size(self.files[i])
         img = self._read(self.files[i])
         if self.mode == "benchmark":
             return self._benchmark_item(key, img, self.files[i])
@@ -298,6 +305,20 @@ class RestorationDataset(Dataset):
                     f"{str(self.files[i])!r} is {w}x{h}{hint}: give a truth of the restored size or remove it"
                 )
         return RestorationItem(key, y, x, params, (h, w))
+
+    def _check_output_size(self, file: Path) -> None:
+        """Real mode: the restoration (``scale`` times the measurement for SR) must stay within ``max_pixels``;
+        checked on the header, before anything is decoded."""
+        n = self.spec.size_multiple
+        if self.max_pixels is None or n == 1:
+            return  # the input's own check in read_image is the output's
+        h, w, _ = image_header(file)
+        if h * n * w * n > self.max_pixels:
+            raise ImageTooLargeError(
+                f"image file {str(file)!r} is {w}x{h}; restored at the SR scale {n} it would be {w * n}x{h * n} = "
+                f"{h * n * w * n} pixels, above the limit of {self.max_pixels} pixels; use a smaller scale, crop "
+                f"the image, or raise data.max_pixels if you have the memory"
+            )
 
     def _benchmark_item(self, key: str, x: Tensor, file: Path) -> RestorationItem:
         spec = self.spec
@@ -345,11 +366,12 @@ class RestorationDataModule(L.LightningDataModule):
         seed: seeds each image's kernel/mask and noise in benchmark mode (with the image key).
         batch_size: images per batch (a batch of mixed sizes runs as one sampler call per size).
         num_workers: DataLoader workers.
-        limit: restore only the first ``limit`` images (by key).
-        crop: benchmark mode: centre-crop clean images to at most ``crop x crop`` pixels.
+        limit: restore only the first ``limit`` images (by key); at least 1 (None: all).
+        crop: benchmark mode: centre-crop clean images to at most ``crop x crop`` pixels (at least 1; None: no crop).
         channels: 1 or 3; None: the prior's (``RestorationModule.channels``), else 3.
         max_pixels: images with more pixels (height x width) are refused (reported and skipped, their pixels
-            never decoded); None: no limit. Large images restore with bounded network memory through the
+            never decoded); in real-mode SR the restored size (``scale`` times larger each way) is what counts.
+            None: no limit. Large images restore with bounded network memory through the
             module's ``tile_size``; this limit guards the rest (decompression bombs, the FFTs of the data step).
 
     Images that cannot be restored are reported and skipped (see the module docstring); the run goes on.
@@ -380,6 +402,10 @@ class RestorationDataModule(L.LightningDataModule):
             raise ValueError(f"channels must be 1, 3 or None, got {channels}")
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive number of pixels or null, got {max_pixels}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 (the number of images to restore) or null for all, got {limit}")
+        if crop is not None and crop < 1:
+            raise ValueError(f"crop must be a positive size in pixels or null (no crop), got {crop}")
         self.images, self.mode = images, mode
         self.degradation = degradation if degradation is not None else Degradation()
         self.truth_dir, self.seed = truth, seed

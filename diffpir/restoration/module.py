@@ -34,6 +34,12 @@ from diffpir.sampler import DataOperator, DiffPIR, StepState
 log = logging.getLogger("diffpir")
 
 
+class StopRequested(Exception):
+    """Raised by ``predict_step`` after a SIGTERM, before the next batch is sampled: everything restored so far is
+    written (atomically) and a rerun of the same command restores the rest. ``diffpir-restore`` reports it in one
+    line and exits with status 143 (128 + SIGTERM)."""
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure (CUDA, MPS or CPU) rather than a bug."""
     if isinstance(err, torch.OutOfMemoryError):
@@ -48,7 +54,7 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook"]
+__all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook", "StopRequested"]
 
 PriorPrecision = Literal["32", "bf16", "16"]
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -97,7 +103,9 @@ class RestorationModule(L.LightningModule):
 
     ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
     ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and
-    ``seconds`` (the batch's sampling time per image). Images a writer reports done are skipped unsampled.
+    ``seconds`` (the batch's sampling time per image). Images a writer reports done are skipped unsampled. An image
+    whose restoration holds NaN or infinite values (a diverging sampler) is returned as a failure (``key``,
+    ``error``) instead, so it is listed in ``failed.json``, makes the exit status non-zero and is retried on a rerun.
     """
 
     def __init__(
@@ -246,14 +254,23 @@ class RestorationModule(L.LightningModule):
                     hooks.append(hook)
         return hooks
 
+    def _stop_requested(self) -> bool:
+        """Whether the process got SIGTERM (Lightning's signal connector records it and lets the run go on)."""
+        trainer = self._trainer
+        return bool(trainer is not None and getattr(trainer, "received_sigterm", False))
+
     def predict_step(
         self, batch: RestorationBatch | Sequence[RestorationBatch], batch_idx: int = 0, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
         """Restore every image of ``batch`` (one or several size groups) not yet done; one dict per image."""
+        if self._stop_requested():
+            raise StopRequested("SIGTERM")
         groups = [batch] if isinstance(batch, RestorationBatch) else list(batch)
         done = self._done_checks()
         out: list[dict[str, Any]] = []
         for group in groups:
+            if out and self._stop_requested():
+                break  # the groups restored so far are written; the next predict_step stops the run
             todo = [i for i, k in enumerate(group.keys) if not any(check(k) for check in done)]
             if not todo:
                 continue
@@ -321,7 +338,8 @@ class RestorationModule(L.LightningModule):
         if bar is not None:
             bar.close()
         self.images_sampled += len(batch)
-        restored = x.clamp(0, 1)
+        bad = (~torch.isfinite(x)).flatten(1).sum(1).cpu()  # NaN/inf: a failure, never a black image
+        restored = torch.nan_to_num(x, nan=0.0).clamp(0, 1)
         extras = self._extra_outputs()
         metrics = self._metrics(restored, batch, extras)
         if batch.x is not None:
@@ -329,19 +347,29 @@ class RestorationModule(L.LightningModule):
                 row.update(ref)
         restored, y = restored.cpu(), batch.y.cpu()
         truth = batch.x.cpu() if batch.x is not None else None
-        return [
-            {
-                "key": key,
-                "restored": restored[i],
-                "degraded": y[i],
-                "truth": None if truth is None else truth[i],
-                "metrics": metrics[i],
-                "seconds": seconds,
-                "nfe": self.method.nfe,
-                **({"extras": {name: v[i] for name, v in extras.items()}} if extras else {}),
-            }
-            for i, key in enumerate(batch.keys)
-        ]
+        out: list[dict[str, Any]] = []
+        for i, key in enumerate(batch.keys):
+            if bad[i]:
+                reason = (
+                    f"the restoration has {int(bad[i])} NaN or infinite value(s) out of {x[i].numel()}: the sampler "
+                    f"diverged with these settings (e.g. a huge lambda_ or sigma_n, or a prior that outputs NaN); "
+                    f"change them and run again"
+                )
+                out.append({"key": key, "file": "", "error": reason})
+                continue
+            out.append(
+                {
+                    "key": key,
+                    "restored": restored[i],
+                    "degraded": y[i],
+                    "truth": None if truth is None else truth[i],
+                    "metrics": metrics[i],
+                    "seconds": seconds,
+                    "nfe": self.method.nfe,
+                    **({"extras": {name: v[i] for name, v in extras.items()}} if extras else {}),
+                }
+            )
+        return out
 
     def _extra_outputs(self) -> dict[str, Tensor]:
         """Per-image outputs of the method's last call besides the image (``{"kernels": [N, kh, kw]}`` for

@@ -66,6 +66,10 @@ Task = Literal[
     "denoise",
 ]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+SIGMA_N_MAX = 255.0
+"""Largest accepted ``sigma_n``. It is on the [0, 1] scale: values above 1 are accepted with a warning (most likely a
+0-255 value given by mistake; the warning gives the [0, 1] value), values above 255 are refused (no noise std on any
+scale; 1e300 would only overflow)."""
 _PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -95,7 +99,8 @@ class Degradation:
             ``sr`` (downsampling by ``scale``, 4 for ``sr_x4``; ``sr_kernel`` says how), ``inpaint_box`` (one
             missing ``box``), ``inpaint_random`` (pixels missing with probability ``missing``), ``inpaint_mask``
             (the mask file(s) in ``mask``) or ``denoise``.
-        sigma_n: measurement noise std on the [0, 1] scale (added in benchmark mode, assumed in both modes).
+        sigma_n: measurement noise std on the [0, 1] scale (added in benchmark mode, assumed in both modes), in
+            [0, 1].
         kernel_size: odd size of generated kernels (the paper: 61).
         kernel_std: Gaussian std in pixels (the paper: 3.0).
         kernel_std_max: when set, each image's std is drawn uniformly from ``[kernel_std, kernel_std_max)`` (the
@@ -103,7 +108,7 @@ class Degradation:
         motion_intensity: camera-shake intensity in [0, 1] (the paper: 0.5).
         kernel: a kernel file (``.npy``, ``.pt``, image) shared by all images, or a folder of per-image kernels
             named ``<key>.<suffix>``. Replaces the generated kernel of the blur and ``sr_kernel="kernel"`` tasks.
-        scale: integer downsampling factor of ``sr``.
+        scale: integer downsampling factor of ``sr`` (at least 1).
         sr_kernel: ``"bicubic"`` (MATLAB-style bicubic downsampling, the paper's protocol) or ``"kernel"``
             (blur by the Gaussian ``kernel_size``/``kernel_std``, or ``kernel``, then keep every ``scale``-th pixel).
         sr_data_step: the data step of bicubic SR: ``"exact"`` (the exact solution for the bicubic downsampling)
@@ -134,8 +139,15 @@ class Degradation:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
-        if not (self.sigma_n >= 0 and self.sigma_n == self.sigma_n):
+        if not self.sigma_n >= 0:  # also refuses NaN
             raise ValueError(f"sigma_n must be a number >= 0, got {self.sigma_n}")
+        if not self.sigma_n <= SIGMA_N_MAX:
+            raise ValueError(
+                f"sigma_n must lie in [0, 1] (the noise std on the [0, 1] scale, e.g. 0.05 for "
+                f"12.75/255), got {self.sigma_n}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
+            raise ValueError(f"scale must be an integer >= 1 (the SR factor), got {self.scale!r}")
         if self.task == "sr_x4" and self.scale != 4:
             raise ValueError(f"task 'sr_x4' has scale 4, got scale={self.scale}: use task 'sr' for other scales")
         if self.task == "deblur" and self.kernel is None:

@@ -12,15 +12,24 @@ Layout of ``output_dir``::
     summary.json             mean of each metric, counts, the run's settings
     failed.json              only when images could not be restored: [{"key", "file", "reason"}], sorted by key
 
+    settings.json            the settings every output in the folder was made with (written before the first image)
+
 ``<name>`` is :func:`diffpir.io.safe_output_name` of the image key, so no key (``../x``, ``/abs``, odd characters)
 can leave the output folder. Every file is written atomically: the bytes go to a hidden temporary file
-(``.<name>.<random>.tmp``) beside the final one, which is then renamed into place, so a killed run never leaves a
-partial PNG, CSV or JSON under a visible name; leftover temporary files are removed when the next run starts.
-Rows are appended to the part files with one ``write`` each (a line that a crash still cut short is skipped when
-reading, and the next run starts on a fresh line). An image counts as done when all its requested PNGs exist;
-the module skips done images without sampling them, so a rerun only restores what is missing, and restores it
-exactly as an uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are
-written, so a crash never leaves a done image without its row.
+(``.<name>.diffpir-<pid>-<random>.tmp``) beside the final one, which is then renamed into place, so a killed run never
+leaves a partial PNG, CSV or JSON under a visible name; when the next run starts it removes the temporary files of
+dead diffpir processes in its own folders (not recursively, never those of a live run nor anyone else's files).
+Nothing is written through a symbolic link: the part files are opened with ``O_NOFOLLOW`` and a sub-folder that is a
+link stops the run. Rows are appended to the part files with ``write`` calls checked for short writes (a line that a
+crash still cut short is skipped when reading, and the next run starts on a fresh line). An image counts as done when
+all its requested PNGs exist and its metrics row does; the module skips done images without sampling them, so a
+rerun only restores what is missing (an image whose row was lost is restored again), and restores it exactly as an
+uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are written.
+
+Settings: ``settings.json`` records the module's and the data's settings (those that change the outputs; the prior
+file by its SHA-256). A rerun with the same settings resumes; a rerun with other settings is refused before anything
+is written (:meth:`RestorationWriter.check_settings`), naming what differs, so a folder never mixes or misreports
+settings.
 
 Failures: images the data module could not prepare (see :mod:`diffpir.restoration.data`) arrive in
 ``batch.failures``, and any prediction carrying an ``"error"`` is one too. Each is logged (file and reason) and
@@ -37,6 +46,9 @@ sampler's padding.
 from __future__ import annotations
 
 import csv
+import errno
+import functools
+import hashlib
 import io
 import json
 import logging
@@ -56,7 +68,21 @@ from torch import Tensor
 from diffpir.checkpoints import atomic_output
 from diffpir.io import remove_temp_files, safe_output_name, write_png_atomic
 
-__all__ = ["METRIC_ORDER", "RestorationWriter", "merge_metrics", "read_metric_rows", "write_text_atomic"]
+SUBDIRS = ("restored", "degraded", "grid", "metrics")
+"""The writer's sub-folders of ``output_dir``."""
+SETTINGS_FILE = "settings.json"
+UNRECORDED = {"model": ("show_steps", "tile_batch"), "data": ("batch_size", "num_workers", "limit", "images", "truth")}
+"""Settings left out of ``settings.json``: those that do not change any output (batching, progress display), and the
+image and truth folders (outputs are keyed by image name, so a rerun from a moved or copied folder resumes)."""
+
+__all__ = [
+    "METRIC_ORDER",
+    "RestorationWriter",
+    "merge_metrics",
+    "output_settings",
+    "read_metric_rows",
+    "write_text_atomic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +99,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise OSError(
+            errno.ELOOP,
+            f"{path} is a symbolic link: outputs are never written through links; remove it (or choose another "
+            f"output folder)",
+        )
+
+
 def _append_line(path: Path, line: str) -> None:
-    """Append ``line`` (without newline) as one ``write`` call; start on a new line if the file's last line was
-    cut short by a crash."""
+    """Append ``line`` (without newline); start on a new line if the file's last line was cut short by a crash.
+
+    Never follows a symbolic link (the file is opened with ``O_NOFOLLOW``, its folder must not be a link), and
+    checks that every byte was written (a short write is retried; a write that makes no progress raises OSError)."""
+    _refuse_link(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (line + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            _refuse_link(path)
+        raise
     try:
         size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        os.write(fd, data)
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, f"could not append a metrics row to {path} (wrote nothing)")
+            view = view[n:]
     finally:
         os.close(fd)
 
@@ -97,7 +143,10 @@ def read_metric_rows(parts_dir: Path) -> dict[str, dict[str, Any]]:
     Rows of failed images carry ``"status": "failed"``, the ``"input"`` file and a ``"reason"``."""
     latest: dict[str, dict[str, Any]] = {}
     for part in sorted(parts_dir.glob("*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        if part.is_symlink() or not part.is_file():
+            log.warning("ignored %s: not a regular file", part)
+            continue
+        for line in part.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -199,6 +248,57 @@ def _public(hparams: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
 
 
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prior_digest(prior: Any) -> str | None:
+    """SHA-256 of the prior file a ``model.prior`` string names (None for a Prior object)."""
+    if not isinstance(prior, str) or prior.startswith("<"):
+        return None
+    from diffpir.prior import _resolve
+
+    try:
+        path = _resolve(prior)
+    except (OSError, ValueError):
+        return None
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def output_settings(model_hparams: Any, data_hparams: Any | None) -> dict[str, Any]:
+    """The settings that determine a folder's outputs: the module's and the data's hyper-parameters, less the
+    :data:`UNRECORDED` ones, with the prior file's SHA-256 (JSON types)."""
+    model = {k: v for k, v in _public(model_hparams).items() if k not in UNRECORDED["model"]}
+    digest = _prior_digest(model.get("prior"))
+    if digest is not None:
+        model["prior_sha256"] = digest
+    out: dict[str, Any] = {"model": model}
+    if data_hparams is not None:
+        out["data"] = {k: v for k, v in _public(data_hparams).items() if k not in UNRECORDED["data"]}
+    return _jsonable(out)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return diffs
+
+
 def _upsample_to(y: Tensor, h: int, w: int) -> Tensor:
     """``y`` ``[C, h', w']`` shown at ``h x w`` (nearest, for SR measurements)."""
     if tuple(y.shape[-2:]) == (h, w):
@@ -231,6 +331,8 @@ class RestorationWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.summary: dict[str, Any] | None = None
         self.failed = 0  # images that could not be restored (after on_predict_end, on every rank)
+        self.missing = 0  # requested images neither restored nor failed (after on_predict_end, on every rank)
+        self._rows: set[str] | None = None  # keys with a metrics row (read from the part files once)
 
     # -- paths ------------------------------------------------------------------------------------------------
     def path(self, kind: str, key: str) -> Path:
@@ -241,8 +343,66 @@ class RestorationWriter(BasePredictionWriter):
         return [k for k, on in (("degraded", self.save_degraded), ("grid", self.save_grid)) if on] + ["restored"]
 
     def is_done(self, key: str) -> bool:
-        """True when every requested output of ``key`` exists (and ``overwrite`` is off)."""
-        return not self.overwrite and all(self.path(kind, key).is_file() for kind in self._kinds())
+        """True when every requested output of ``key`` exists, its metrics row too (and ``overwrite`` is off)."""
+        if self.overwrite or not all(self.path(kind, key).is_file() for kind in self._kinds()):
+            return False
+        if self._rows is None:
+            self._load_rows()
+        return key in self._rows
+
+    def _load_rows(self) -> None:
+        latest = read_metric_rows(self.output_dir / "metrics")
+        self._rows = {k for k, r in latest.items() if r.get("status") != FAILED}
+
+    # -- settings -----------------------------------------------------------------------------------------------
+    def check_settings(self, pl_module: Any, datamodule: Any | None = None, write: bool = True) -> dict[str, Any]:
+        """Refuse to write into a folder whose outputs were made with other settings; record them otherwise.
+
+        Compares :func:`output_settings` of ``pl_module`` and ``datamodule`` with ``<output_dir>/settings.json`` (or,
+        for a folder written before that file existed, with the settings in its ``summary.json``) and raises a
+        ValueError naming what differs. When nothing is recorded yet and ``write``, writes ``settings.json``.
+        Returns the settings.
+        """
+        hparams = getattr(pl_module, "hparams", pl_module)
+        data_hparams = getattr(datamodule, "hparams", None) if datamodule is not None else None
+        settings = output_settings(hparams, data_hparams)
+        path = self.output_dir / SETTINGS_FILE
+        recorded, source = None, path
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}): remove it only if the folder is empty") from None
+        elif (self.output_dir / "summary.json").is_file():  # written before settings.json existed
+            source = self.output_dir / "summary.json"
+            try:
+                old = json.loads(source.read_text(encoding="utf-8")).get("settings") or {}
+            except (ValueError, AttributeError):
+                old = {}
+            diffs = []
+            for sec in ("model", "data"):
+                if isinstance(old.get(sec), dict) and sec in settings:
+                    then = output_settings(old[sec], None)["model"] if sec == "model" else output_settings({}, old[sec])
+                    then = then if sec == "model" else then["data"]
+                    common = [k for k in settings[sec] if k in then and k != "prior_sha256"]
+                    now = {k: settings[sec][k] for k in common}
+                    diffs += _differences({k: then[k] for k in common}, now, f"{sec}.")
+            if diffs:
+                self._refuse(source, diffs)
+        if recorded is not None:
+            diffs = _differences(recorded, settings)
+            if diffs:
+                self._refuse(source, diffs)
+        elif write:
+            write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        return settings
+
+    def _refuse(self, source: Path, diffs: list[str]) -> None:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise ValueError(
+            f"the output folder {self.output_dir} holds restorations made with other settings ({shown}; see "
+            f"{source}): run with the same settings to resume it, or choose another --writer.output_dir"
+        )
 
     # -- writing ----------------------------------------------------------------------------------------------
     def _part(self, trainer: L.Trainer) -> Path:
@@ -259,6 +419,8 @@ class RestorationWriter(BasePredictionWriter):
             "written": time.time(),
         }
         _append_line(self._part(trainer), json.dumps(row))
+        if self._rows is not None:
+            self._rows.add(str(item["key"]))
 
     def write_failure(self, trainer: L.Trainer, key: str, file: str, reason: str) -> None:
         """Record that ``key`` (input ``file``) could not be restored, and why (logged and appended as a
@@ -318,16 +480,21 @@ class RestorationWriter(BasePredictionWriter):
                 self.write_item(trainer, item)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remove the temporary files a killed run left (rank 0, before any rank writes)."""
+        """Check the folder (no linked sub-folders, the same settings as its outputs), then remove the temporary files
+        killed runs left (rank 0, before any rank writes) and read which images have their metrics row."""
+        for sub in SUBDIRS:
+            _refuse_link(self.output_dir / sub)
+        self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
         if trainer.is_global_zero:
-            for p in remove_temp_files(self.output_dir):
+            for p in remove_temp_files(self.output_dir, SUBDIRS):
                 log.info("removed %s, left by an interrupted run", p)
         trainer.strategy.barrier("restoration_writer_clean")
+        self._load_rows()
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Wait for every rank, then merge the part files on rank 0 and report; :attr:`failed` on every rank."""
         trainer.strategy.barrier("restoration_writer_merge")
-        failed = 0
+        failed = missing = 0
         if trainer.is_global_zero:
             dm = trainer.datamodule
             keys = list(dm.keys) if dm is not None and hasattr(dm, "keys") else None
@@ -336,14 +503,18 @@ class RestorationWriter(BasePredictionWriter):
                 settings["data"] = _public(dm.hparams)
             settings["world_size"] = trainer.world_size
             self.summary = merge_metrics(self.output_dir, keys, settings)
-            failed = int(self.summary["failed"])
+            failed, missing = int(self.summary["failed"]), int(self.summary["missing"])
             self._report(self.summary)
-        self.failed = int(trainer.strategy.broadcast(failed, src=0))
+        self.failed, self.missing = (int(v) for v in trainer.strategy.broadcast((failed, missing), src=0))
 
     def _report(self, summary: dict[str, Any]) -> None:
-        n, m, k = summary["count"], summary["requested"], summary["failed"]
+        n, m, k, missing = summary["count"], summary["requested"], summary["failed"], summary["missing"]
         line = f"restored {n} of {m} images"
         if k:
-            log.warning("%s; %d failed: see %s", line, k, self.output_dir / "failed.json")
+            line += f"; {k} failed: see {self.output_dir / 'failed.json'}"
+        if missing:
+            line += f"; {missing} missing (not restored, not failed): run the same command again"
+        if k or missing:
+            log.warning("%s", line)
         else:
             log.info("%s into %s", line, self.output_dir)

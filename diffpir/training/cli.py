@@ -8,6 +8,12 @@ Usage::
     diffpir-train export --ckpt runs/digits/checkpoints/last.ckpt --out priors/digits.safetensors [--fp16]
 
 ``export`` is handled here; every other subcommand goes to :class:`lightning.pytorch.cli.LightningCLI`.
+
+Checkpoints are loaded from local files only and never in a way that runs code, whatever a flag or a config says:
+``ckpt_path`` must be ``last``, ``best``, ``hpc`` or a local regular file (URLs, ``file://`` and FIFOs are refused
+before anything is built), ``weights_only: false`` is refused, and the trainer loads every checkpoint with
+``torch.load(weights_only=True)`` (:mod:`diffpir.checkpoints`). ``export`` and ``--model.init_from`` read through
+:func:`diffpir.prior.load_prior`, which holds to the same rules.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, guard_checkpoint_loading
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
 from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
@@ -51,8 +58,20 @@ class DiffpirCLI(LightningCLI):
             "--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default, all cores)"
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        check_ckpt_args(config.get("ckpt_path"), config.get("weights_only"))  # before anything is read or built
+        check_ckpt_path(config.get("ckpt_path"))  # a local file that is not a checkpoint: one line
+
+    def _parse_ckpt_path(self) -> None:
+        """Left out: LightningCLI would read ``hyper_parameters`` from the ``ckpt_path`` file into the config, so a
+        file could choose which classes get imported and built (``model.net.class_path``) or set ``init_from``. The
+        model comes from the config given on the command line; the checkpoint only brings weights and state."""
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = guard_checkpoint_loading(super().instantiate_trainer(**kwargs))
         watch_launched_processes(trainer)
         checkpoints_follow_logger(trainer)
         return trainer
@@ -62,13 +81,6 @@ class DiffpirCLI(LightningCLI):
         threads = int(config.get("num_threads") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyper-parameters of --ckpt_path while parsing, before any hook: check the file first
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
-        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         refuse_to_overwrite(self.trainer, self.config[self.subcommand].get("ckpt_path"))
@@ -128,6 +140,7 @@ def refuse_to_overwrite(trainer: Trainer, ckpt_path: str | None) -> None:
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> DiffpirCLI:
     """The LightningCLI object (``run=False``: parse and instantiate only; then call ``cli.trainer.fit``)."""
+    disable_remote_configs()  # no config or value is fetched from a URL
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("trainer_defaults", {"enable_progress_bar": progress_bars_wanted()})
     kwargs.setdefault(
@@ -166,8 +179,16 @@ def export_main(argv: Sequence[str]) -> Path:
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     ns = parser.parse_args(list(argv))
     path = export(ns.ckpt, ns.out, ns.fp16)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {path} ({human_size(path.stat().st_size)})")
     return path
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes as ``"812 B"``, ``"33.1 kB"``, ``"12.4 MB"`` or ``"1.2 GB"`` (powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def main(args: Sequence[str] | None = None) -> None:

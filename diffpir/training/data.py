@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 
+from diffpir.io import exif_orientation, upright
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -56,9 +58,10 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 
 def read_image(path: str | os.PathLike, channels: int) -> Tensor:
-    """Decode one image file to uint8 ``[channels, H, W]`` (grey or RGB, alpha dropped; 16-bit scaled to 8)."""
+    """Decode one image file to uint8 ``[channels, H, W]`` (grey or RGB, alpha dropped; 16-bit scaled to 8), upright
+    (the EXIF orientation applied)."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    img = decode_image(str(path), mode=mode)
+    img = upright(decode_image(str(path), mode=mode), exif_orientation(path))  # phone photos: EXIF orientation
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = (img.float() / torch.iinfo(img.dtype).max * 255).round().clamp(0, 255).to(torch.uint8)
     return img

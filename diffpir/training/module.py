@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from diffpir.checkpoints import safe_torch_load
 from diffpir.schedule import NoiseSchedule
 from diffpir.training.data import mix_seed
 from diffpir.training.ema import EMA
@@ -357,8 +358,8 @@ class DiffusionModule(LightningModule):
         """Rebuild a module from a Lightning checkpoint of this class (network from ``diffpir_prior["unet"]``)."""
         from diffpir.models import UNet
 
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        if "diffpir_prior" not in ckpt:
+        ckpt = safe_torch_load(path, map_location=map_location)  # local regular file, weights_only=True
+        if not isinstance(ckpt, dict) or "diffpir_prior" not in ckpt:
             raise ValueError(f"{path} has no 'diffpir_prior' entry: not a diffpir training checkpoint")
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "net"}
         hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in names}
