@@ -79,10 +79,10 @@ def restoration(args: argparse.Namespace, device: torch.device) -> dict:
 
     res = {}
     for precision in ("fp32", "bf16"):
-        prior = load_prior("natural", map_location=device)
+        prior = load_prior(args.prior, map_location=device)
         if precision == "bf16":
             prior.autocast_dtype = torch.bfloat16
-        op = Blur(gaussian_kernel(61, 3.0)).to(device)
+        op = Blur(gaussian_kernel(min(61, args.size // 2 * 2 - 1), 3.0)).to(device)  # 61x61 at 256 px
         sampler = DiffPIR(prior.schedule, steps=args.nfe, lambda_=7.0, zeta=0.3)
         for batch in args.batches:
             x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -130,7 +130,7 @@ def training(args: argparse.Namespace, device: torch.device) -> dict:
     res = {}
     data = torch.rand(args.train_batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     for name, bf16, channels_last in (("fp32", False, False), ("bf16", True, False), ("bf16_cl", True, True)):
-        net = build_unet("natural").to(device)
+        net = build_unet(args.train_preset).to(device)
         x = data
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -150,6 +150,8 @@ def training(args: argparse.Namespace, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prior", default="natural", help="prior of the restoration timings (name or file)")
+    ap.add_argument("--train-preset", default="natural", help="UNet preset of the training timings")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--nfe", type=int, default=100)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

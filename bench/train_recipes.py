@@ -149,14 +149,19 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # -- training -------------------------------------------------------------------------------------------------------
-def initial_weights(seed: int = 0) -> dict[str, Tensor]:
+def grey_net(preset: str) -> nn.Module:
+    """The recipe network: ``preset`` with one input/output channel (``digits`` already has one)."""
+    from diffpir.models import build_unet
+
+    return build_unet(preset, in_channels=1, out_channels=1)
+
+
+def initial_weights(preset: str = "digits", seed: int = 0) -> dict[str, Tensor]:
     """The ``digits`` preset's weights, re-drawn from a seeded generator (the global RNG is never seeded): every
     non-constant weight matrix/kernel ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default, non-constant
     vectors (biases) zero; constant tensors (zero-initialised output layers, norm scales) stay as built."""
-    from diffpir.models import build_unet
-
     g = torch.Generator().manual_seed(seed)
-    state = build_unet("digits").state_dict()
+    state = grey_net(preset).state_dict()
     for p in state.values():
         if not p.is_floating_point() or bool((p == p.flatten()[0]).all()):
             continue
@@ -172,10 +177,9 @@ def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -
     """Fit the recipe; returns the module (EMA weights in ``eval_prior``) and timing."""
     from lightning.pytorch import Trainer
 
-    from diffpir.models import build_unet
     from diffpir.training import DiffusionModule, ImageFolderDataModule
 
-    net = build_unet("digits")
+    net = grey_net(args.preset)
     net.load_state_dict(init)
     module = DiffusionModule(net, lr=5e-4, warmup_steps=100, ema_decay=0.999, seed=0, **RECIPES[name])
     dm = ImageFolderDataModule(
@@ -282,7 +286,8 @@ def fmt(v: tuple[float, float]) -> str:
 
 def table(results: dict, base: dict, info: dict) -> str:
     lines = [
-        f"Recipes at equal compute: {info['steps']} steps x batch {info['batch']} on `digits` (same net, init, data "
+        f"Recipes at equal compute: {info['steps']} steps x batch {info['batch']}, `{info['preset']}` UNet, on "
+        f"`digits` (same net, init, data "
         f"order); evaluated on {info['eval_count']} held-out digits ({info['restore_count']} restored). Classifier "
         f"held-out accuracy "
         f"{100 * info['judge_accuracy']:.1f} %. `python bench/train_recipes.py {info['argv']}`",
@@ -310,7 +315,6 @@ def table(results: dict, base: dict, info: dict) -> str:
 # -- throughput -----------------------------------------------------------------------------------------------------
 def throughput(args: argparse.Namespace) -> dict:
     """Training img/s of the digits net at batch 32, one variant after another, repeated and interleaved."""
-    from diffpir.models import build_unet
     from diffpir.training import DiffusionModule
 
     variants = {
@@ -320,11 +324,11 @@ def throughput(args: argparse.Namespace) -> dict:
         "bf16 autocast": dict(threads=args.threads, bf16=True),
         "torch.compile": dict(threads=args.threads, compile=True),
     }
-    init = initial_weights()
+    init = initial_weights(args.preset)
     data = torch.rand(args.batch, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     modules = {}
     for name, v in variants.items():
-        net = build_unet("digits")
+        net = grey_net(args.preset)
         net.load_state_dict(init)
         if v.get("channels_last"):
             net = net.to(memory_format=torch.channels_last)
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipes", nargs="+", default=["ddpm", "min_snr", "v", "quad"], choices=RECIPES)
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per recipe")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--preset", default="digits", help="UNet preset of every recipe (made grey)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=256, help="DDIM samples judged per recipe")
     ap.add_argument("--restore-count", type=int, default=128, help="evaluation digits restored per task")
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         confident_real = float((judge(eval_x).softmax(1).max(1).values >= 0.9).float().mean())
     print(f"classifier: {100 * accuracy:.1f} % held-out accuracy, {100 * confident_real:.1f} % of real digits >= 0.9")
     base = baselines(eval_x[: args.restore_count])
-    init = initial_weights()
+    init = initial_weights(args.preset)
     results: dict[str, dict] = {}
     grids = {}
     for name in args.recipes:
@@ -421,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {
         "steps": args.steps,
         "batch": args.batch,
+        "preset": args.preset,
         "threads": args.threads,
         "eval_count": len(eval_x),
         "restore_count": min(args.restore_count, len(eval_x)),
