@@ -58,6 +58,8 @@ METADATA_KEY = "diffpir_prior"
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "priors"
 
 SizeMode = Literal["pad", "any"]
+Prediction = Literal["eps", "v"]
+PREDICTIONS = ("eps", "v")
 
 LIMITS: dict[str, int] = {
     "T": 100_000,  # schedule steps (the official priors: 1000)
@@ -90,6 +92,10 @@ class Prior(nn.Module):
         the input is on CUDA; on the CPU the net always runs in float32. Outputs come back in the input dtype.
     :param channels_last: convert the net and its inputs to the channels-last memory format (faster convs on
         recent GPUs).
+    :param prediction: what the net predicts: ``"eps"`` (the noise, as guided-diffusion's and DiffPIR's nets) or
+        ``"v"`` (``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0``, Salimans & Ho 2022). A v-net is still used as an
+        eps-model: :meth:`eps` returns ``sqrt(1 - ab_t) x_t + sqrt(ab_t) v`` (exact), so samplers never see the
+        difference. Exported priors record it (``"prediction"`` in the file's metadata).
     :param size_mode: how inputs the net cannot take directly are handled.
         Fully convolutional nets: inputs are always reflect-padded (centred) to the next multiple of
         ``net.size_multiple`` and the output cropped back, whatever ``size_mode``.
@@ -109,8 +115,11 @@ class Prior(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         size_mode: SizeMode = "pad",
+        prediction: Prediction = "eps",
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         c_in, c_out = int(net.in_channels), int(net.out_channels)
         if c_out not in (c_in, 2 * c_in):
             raise ValueError(f"a prior net must output C (eps) or 2C (eps, v) channels; got {c_out} for C = {c_in}")
@@ -122,6 +131,7 @@ class Prior(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.channels_last = bool(channels_last)
         self.size_mode: SizeMode = size_mode
+        self.prediction: Prediction = prediction
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -136,7 +146,10 @@ class Prior(nn.Module):
         return int(self.net.image_size)
 
     def extra_repr(self) -> str:
-        return f"clip_x0={self.clip_x0}, autocast_dtype={self.autocast_dtype}, size_mode={self.size_mode!r}"
+        return (
+            f"clip_x0={self.clip_x0}, autocast_dtype={self.autocast_dtype}, size_mode={self.size_mode!r}, "
+            f"prediction={self.prediction!r}"
+        )
 
     # -- geometry ------------------------------------------------------------------------------------------
     def padded_size(self, h: int, w: int) -> tuple[int, int]:
@@ -188,7 +201,13 @@ class Prior(nn.Module):
         :return: [N, C, H, W] eps in ``x_t.dtype`` (the first C channels of learn_sigma nets).
         """
         t = self._timesteps(t, x_t.shape[0], x_t.device)
-        return self._net_out(x_t, t)[:, : self.in_channels]
+        out = self._net_out(x_t, t)[:, : self.in_channels]
+        if self.prediction == "v":
+            # x_t = a x0 + b eps and v = a eps - b x0 with a^2 + b^2 = 1  =>  eps = b x_t + a v.
+            a = self.schedule.extract("sqrt_alphas_cumprod", t.long(), x_t)
+            b = self.schedule.extract("sqrt_one_minus_alphas_cumprod", t.long(), x_t)
+            out = b * x_t + a * out
+        return out
 
     forward = eps
 
@@ -341,9 +360,13 @@ def check_unet_config(config: Any, n_tensors: int | None = None) -> dict[str, An
     return dict(config)
 
 
-def prior_payload(net: UNet, schedule: NoiseSchedule) -> dict[str, Any]:
-    """The ``{"format", "unet", "schedule"}`` description of a prior (no weights), primitive types only."""
-    return {"format": FORMAT, "unet": dict(net.config), "schedule": schedule_to_dict(schedule)}
+def prior_payload(net: UNet, schedule: NoiseSchedule, prediction: Prediction = "eps") -> dict[str, Any]:
+    """The ``{"format", "unet", "schedule"[, "prediction"]}`` description of a prior (no weights), primitive
+    types only. ``"prediction"`` is written only for non-eps nets (eps files stay as they were)."""
+    payload = {"format": FORMAT, "unet": dict(net.config), "schedule": schedule_to_dict(schedule)}
+    if prediction != "eps":
+        payload["prediction"] = prediction
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,8 +387,10 @@ def export_prior(
         :func:`load_prior` casts them back to float32.
     :return: the path written.
     """
+    prediction: Prediction = "eps"
     if isinstance(net, Prior):
         schedule = schedule if schedule is not None else net.schedule
+        prediction = net.prediction
         net = net.net
     schedule = schedule if schedule is not None else NoiseSchedule.linear()
     if not hasattr(net, "config"):
@@ -378,7 +403,7 @@ def export_prior(
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous()
-    metadata = {METADATA_KEY: json.dumps(prior_payload(net, schedule))}
+    metadata = {METADATA_KEY: json.dumps(prior_payload(net, schedule, prediction))}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
@@ -568,6 +593,10 @@ def load_prior(
         net = _build_loaded(config, state_dict, str(path), "the UNet described in the file")
         if schedule is None and file_schedule is not None:
             schedule = file_schedule
+        prediction = payload.get("prediction", "eps")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"{path}: unknown prediction {prediction!r} (known: {', '.join(PREDICTIONS)})")
+        prior_kwargs.setdefault("prediction", prediction)
     else:
         state_dict = _strip_prefix(state_dict)
         if preset is None:

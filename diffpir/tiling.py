@@ -118,6 +118,7 @@ class TiledPrior(Prior):
             autocast_dtype=prior.autocast_dtype,
             channels_last=prior.channels_last,
             size_mode=prior.size_mode,
+            prediction=prior.prediction,
         )
         return tiled.train(prior.training)
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine: continue the bundled `natural` prior for MINUTES minutes of training
-# (configs/train/natural_gpu.yaml: bf16, batch 256, from diffpir/assets/priors/natural.safetensors) and export the
-# EMA weights to $OUT/natural.safetensors, with the training log beside it.
+# The one prepared run for a lent GPU machine, in one call:
+# 1. continue the bundled `natural` prior for MINUTES minutes of training (configs/train/natural_gpu.yaml: bf16,
+#    batch 256, from diffpir/assets/priors/natural.safetensors) and export the EMA weights to
+#    $OUT/natural.safetensors, with the training log beside it;
+# 2. GPU timings (bench/gpu_timings.py: s/image of the natural prior at 256 px and 100 NFEs, batch 1 and 16; a
+#    forward of the ffhq_10m-size UNet at 256 px; training img/s) to $OUT/gpu_timings.json (TIMINGS=0 skips them).
+# MINUTES 6 + about 2 minutes of timings fit one 10-minute command of the `device` tool with start-up to spare.
 #
 #   bash scripts/gpu_train_natural.sh                       # any CUDA machine with torch and lightning
-#   MINUTES=1 bash scripts/gpu_train_natural.sh --trainer.accelerator cpu --trainer.precision 32-true \
-#       --data.batch_size 8 --data.num_workers 0          # a dry run of the script on a CPU
+#   MINUTES=1 DRY_RUN=1 bash scripts/gpu_train_natural.sh --trainer.accelerator cpu --trainer.precision 32-true \
+#       --data.batch_size 8 --data.num_workers 0          # a dry run of the script on a CPU (tiny timings)
 #
 # With this workplace's `device` tool: carry ["data/natural", ".whl"]. data/natural comes from
 # `python scripts/prepare_data.py natural` (19 MB). The GPU image has no jsonargparse (LightningCLI needs it): put
@@ -13,7 +17,7 @@
 # with `echo /.whl/ >> .git/info/exclude`). Extra arguments go to `diffpir-train fit`. Then copy the returned file
 # to diffpir/assets/priors/natural.safetensors, and rerun bench/prior_quality.py and `make demo` here.
 set -euo pipefail
-MINUTES=${MINUTES:-8}
+MINUTES=${MINUTES:-6}
 OUT=${OUT:-runs/natural_gpu/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -29,3 +33,11 @@ rm -f runs/natural_gpu/checkpoints/last.ckpt  # a fresh run from the bundled wei
   --trainer.max_time "00:00:$(printf %02d "$MINUTES"):00" "$@" 2>&1 | tee -a "$OUT/train.log"
 "$PY" -m diffpir.training.cli export --ckpt runs/natural_gpu/checkpoints/last.ckpt \
   --out "$OUT/natural.safetensors" --fp16 | tee -a "$OUT/train.log"
+if [ "${TIMINGS:-1}" = 1 ]; then
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    "$PY" bench/gpu_timings.py --device cpu --nfe 1 --size 32 --batches 1 --train-batch 2 --forward-size 32 \
+      --forward-batches 1 --repeats 1 --skip forward --out "$OUT" 2>&1 | tee -a "$OUT/timings.log"
+  else
+    "$PY" bench/gpu_timings.py --compile --out "$OUT" 2>&1 | tee -a "$OUT/timings.log"
+  fi
+fi

@@ -64,3 +64,50 @@ def test_split_runs_merge_into_one_table(compare, tmp_path):
     with pytest.raises(SystemExit, match="nothing to merge"):
         (tmp_path / "empty.csv").write_text("task,method\n")
         compare.main(["--merge", str(tmp_path / "empty"), "--out", str(tmp_path / "none")])
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_recipes_bench_runs_end_to_end(tmp_path):
+    """Two recipes, two steps each, on 20 synthetic labelled 'digits': every figure is there and finite."""
+    bench = _load_bench("train_recipes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("val", 8)):
+        (tmp_path / "digits" / split).mkdir(parents=True)
+        for i in range(n):
+            img = np.zeros((32, 32), np.uint8)
+            img[4 + i % 10 : 20 + i % 10, 8:24] = rng.integers(128, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "digits" / split / f"{i:05d}_{i % 10}.png")
+    out = tmp_path / "res"
+    data = str(tmp_path / "digits")
+    args = ["--recipes", "ddpm", "v_min_snr_quad", "--preset", "tiny", "--steps", "2", "--batch", "4"]
+    bench.main([*args, "--samples", "4", "--restore-count", "2", "--threads", "1", "--data", data, "--out", str(out)])
+    import json
+
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["recipes"]) == ["ddpm", "v_min_snr_quad"]
+    for r in res["recipes"].values():
+        for key in ("denoise_sigma15", "denoise_sigma25", "denoise_sigma50", "inpaint_box", "deblur"):
+            assert np.isfinite(r[key][0]) and r[key][0] > 0
+        assert 0.0 <= r["recognised"] <= 1.0 and np.isfinite(r["frechet"])
+    assert "| v_min_snr_quad |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
+    """The GPU script's timing half, dry-run on the CPU (what scripts/gpu_train_natural.sh runs with DRY_RUN=1)."""
+    bench = _load_bench("gpu_timings")
+    prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    bench.main(["--device", "cpu", "--prior", str(prior), "--train-preset", "tiny", "--nfe", "1", "--size", "32",
+                "--batches", "1", "--train-batch", "2",
+                "--forward-size", "32", "--forward-batches", "1", "--repeats", "1", "--skip", "forward",
+                "--out", str(tmp_path)])  # fmt: skip
+    import json
+
+    res = json.loads((tmp_path / "gpu_timings.json").read_text())
+    assert res["restore"]["fp32_batch1"]["s_per_image"] > 0
+    assert set(res["train"]) == {"fp32", "bf16", "bf16_cl"}

@@ -131,7 +131,13 @@ class SampleGridCallback(Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 images = ddim_sample(
-                    pl_module.eval_net, pl_module.schedule, shape, self.steps, self.eta, gen, pl_module.device
+                    getattr(pl_module, "eval_prior", pl_module.eval_net),
+                    pl_module.schedule,
+                    shape,
+                    self.steps,
+                    self.eta,
+                    gen,
+                    pl_module.device,
                 )
         finally:
             pl_module.train(was_training)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -49,13 +49,18 @@ def one_step_denoise(net: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSch
     return schedule.x0_from_eps(x_t, t, eps)
 
 
-def _prior_denoiser(net: nn.Module, schedule: NoiseSchedule) -> Callable[[Tensor, float], Tensor]:
-    """``Prior(net, schedule).denoise`` when :mod:`diffpir.prior` provides it, else :func:`one_step_denoise`."""
-    try:
-        from diffpir.prior import Prior
+def _prior_denoiser(
+    net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps"
+) -> Callable[[Tensor, float], Tensor]:
+    """``Prior(net, schedule).denoise`` for nets with the UNet attributes Prior reads, else
+    :func:`one_step_denoise` (eps-nets only)."""
+    from diffpir.prior import Prior
 
-        return Prior(net, schedule).denoise
-    except (ImportError, AttributeError):  # no diffpir.prior, or a net without the UNet attributes Prior reads
+    try:
+        return Prior(net, schedule, prediction=prediction).denoise
+    except AttributeError:  # a net without the UNet attributes Prior reads
+        if prediction != "eps":
+            raise
         return lambda x, sigma: one_step_denoise(net, schedule, x, sigma)
 
 
@@ -73,6 +78,49 @@ def _preset_of(config: dict[str, Any] | None) -> str | None:
         except (KeyError, ValueError, TypeError):
             continue
     return None
+
+
+Prediction = Literal["eps", "v"]
+LossWeighting = Literal["none", "min_snr"]
+TimestepSampling = Literal["uniform", "quad"]
+
+
+def sample_timesteps(
+    n: int, T: int, generator: torch.Generator, kind: TimestepSampling = "uniform", mix: float = 0.5
+) -> Tensor:
+    """Training timesteps ``t`` [N] (int64, on the generator's device).
+
+    ``"uniform"``: ``t ~ U{0, ..., T-1}`` (DDPM). ``"quad"``: with probability ``mix``, ``t = floor(T u^2)``
+    (``u ~ U[0, 1)``: density proportional to ``1 / sqrt(t)``, the density of DiffPIR's ``skip="quad"`` step
+    sequence, which spends most restoration steps at low noise), else uniform; the uniform share keeps the
+    high-noise steps that sampling from pure noise needs. Both draws are always made (one generator stream
+    whatever ``mix`` is).
+    """
+    dev = generator.device
+    uniform = torch.randint(0, T, (n,), generator=generator, device=dev)
+    if kind == "uniform":
+        return uniform
+    if kind != "quad":
+        raise ValueError(f"timestep_sampling must be 'uniform' or 'quad', got {kind!r}")
+    u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    pick = torch.rand(n, generator=generator, device=dev) < mix
+    quad = (T * u * u).long().clamp_(0, T - 1)
+    return torch.where(pick, quad, uniform)
+
+
+def loss_weights(snr: Tensor, prediction: Prediction, weighting: LossWeighting, gamma: float) -> Tensor:
+    """Per-image weights of the squared error of the net's target.
+
+    ``"none"``: 1 (DDPM's simple loss on whatever the net predicts). ``"min_snr"`` (Hang et al. 2023,
+    Min-SNR-gamma): the x0-space weight ``min(SNR, gamma)`` expressed in the net's target, i.e.
+    ``min(SNR, gamma) / SNR`` for eps and ``min(SNR, gamma) / (SNR + 1)`` for v.
+    """
+    if weighting == "none":
+        return torch.ones_like(snr)
+    if weighting != "min_snr":
+        raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {weighting!r}")
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction == "eps" else clipped / (snr + 1.0)
 
 
 class DiffusionModule(LightningModule):
@@ -118,6 +166,15 @@ class DiffusionModule(LightningModule):
         init_preset: the UNet preset of ``init_from`` when the file does not say (official ``.pt`` files).
         val_sigmas: noise levels (0-255 scale) of the one-step denoising PSNR.
         val_buckets: number of timestep buckets of the validation loss.
+        prediction: the net's target, ``"eps"`` (DDPM) or ``"v"`` (Salimans & Ho 2022). A v-net is exported with
+            ``"prediction": "v"`` and :class:`~diffpir.prior.Prior` turns its output into eps, so a v-prior is
+            an eps-model to every sampler.
+        loss_weighting: ``"none"`` (the simple loss) or ``"min_snr"`` (Min-SNR-gamma, Hang et al. 2023).
+        min_snr_gamma: gamma of ``"min_snr"``.
+        timestep_sampling: ``"uniform"`` or ``"quad"`` (see :func:`sample_timesteps`).
+        timestep_mix: share of ``"quad"`` draws in ``"quad"`` sampling.
+
+    The validation loss is always the eps-MSE (whatever the recipe), so runs of different recipes compare.
     """
 
     def __init__(
@@ -138,8 +195,21 @@ class DiffusionModule(LightningModule):
         init_preset: str | None = None,
         val_sigmas: Sequence[float] = (15.0, 25.0, 50.0),
         val_buckets: int = 10,
+        prediction: Prediction = "eps",
+        loss_weighting: LossWeighting = "none",
+        min_snr_gamma: float = 5.0,
+        timestep_sampling: TimestepSampling = "uniform",
+        timestep_mix: float = 0.5,
     ):
         super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        if loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
+        if timestep_sampling not in ("uniform", "quad"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'quad', got {timestep_sampling!r}")
+        if not 0.0 <= timestep_mix <= 1.0 or min_snr_gamma <= 0:
+            raise ValueError("timestep_mix must lie in [0, 1] and min_snr_gamma must be > 0")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.schedule = NoiseSchedule.linear(num_timesteps, beta_start, beta_end)
@@ -166,11 +236,25 @@ class DiffusionModule(LightningModule):
         """The weights used for validation, samples and export: the EMA copy if any, else the raw net."""
         return self.ema.module if self.ema is not None else self.net
 
+    @property
+    def eval_prior(self) -> nn.Module:
+        """The eval weights as an eps-model (:class:`~diffpir.prior.Prior`; converts v-predictions), for
+        samples and validation."""
+        from diffpir.prior import Prior
+
+        prediction = self.hparams.get("prediction", "eps")
+        try:
+            return Prior(self.eval_net, self.schedule, prediction=prediction)
+        except AttributeError:  # a plain eps-net without the UNet attributes Prior reads
+            if prediction != "eps":
+                raise
+            return self.eval_net
+
     def prior_spec(self) -> dict[str, Any]:
-        """``{"format", "unet", "schedule"}`` of the contract (docs/CONTRACTS.md), without weights."""
+        """``{"format", "unet", "schedule"[, "prediction"]}`` of the contract (docs/CONTRACTS.md), no weights."""
         config = getattr(self.net, "config", None)
         hp = self.hparams
-        return {
+        spec = {
             "format": PRIOR_FORMAT,
             "unet": dict(config) if config is not None else None,
             "schedule": {
@@ -180,6 +264,9 @@ class DiffusionModule(LightningModule):
                 "beta_end": float(hp.beta_end),
             },
         }
+        if hp.get("prediction", "eps") != "eps":
+            spec["prediction"] = hp.prediction
+        return spec
 
     def _forward_train(self, x: Tensor, t: Tensor) -> Tensor:
         return (self._compiled or self.net)(x, t)
@@ -206,27 +293,45 @@ class DiffusionModule(LightningModule):
     def model_step(
         self, batch: Any, generator: torch.Generator, stratify: int = 0, offset: int = 0
     ) -> dict[str, Tensor]:
-        """The DDPM simple loss of a batch of [0, 1] images.
+        """The training loss of a batch of [0, 1] images (the recipe's; in eval mode the plain eps-MSE).
 
         :param generator: draws ``t`` and the noise (on its own device; results are moved to the batch's).
         :param stratify: if > 0, ``t`` of image ``i`` is drawn from bucket ``(i + offset) % stratify`` of that
             many equal buckets (lower-variance per-bucket estimates for validation); else ``t ~ U{0..T-1}``.
         :return: ``{"loss": scalar, "per_image": [N] loss of each image, "t": [N]}``.
         """
+        hp = self.hparams
+        prediction = hp.get("prediction", "eps")
         x0 = self._images(batch) * 2.0 - 1.0
         n, T, dev = x0.shape[0], self.schedule.T, generator.device
         if stratify:
             b = (torch.arange(n, device=dev) + offset) % stratify
             lo, hi = b * T // stratify, (b + 1) * T // stratify
             t = lo + (torch.rand(n, generator=generator, device=dev) * (hi - lo)).long().clamp_max(hi - lo - 1)
+        elif self.training:
+            t = sample_timesteps(n, T, generator, hp.get("timestep_sampling", "uniform"), hp.get("timestep_mix", 0.5))
         else:
             t = torch.randint(0, T, (n,), generator=generator, device=dev)
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         t, noise = t.to(x0.device), noise.to(x0.device)
         x_t = self.schedule.q_sample(x0, t, noise)
-        net = self._forward_train if self.training else self.eval_net
-        eps = net(x_t, t)[:, : x0.shape[1]]
-        per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+        if not self.training:  # validation: the eps-MSE of the eps-model, comparable across recipes
+            eps = self.eval_prior(x_t, t)[:, : x0.shape[1]]
+            per_image = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+            return {"loss": per_image.mean(), "per_image": per_image, "t": t}
+        out = self._forward_train(x_t, t)[:, : x0.shape[1]].float()
+        if prediction == "v":
+            a = self.schedule.extract("sqrt_alphas_cumprod", t, x0).float()
+            b = self.schedule.extract("sqrt_one_minus_alphas_cumprod", t, x0).float()
+            target = a * noise.float() - b * x0.float()
+        else:
+            target = noise.float()
+        per_image = (out - target).pow(2).flatten(1).mean(1)
+        weighting = hp.get("loss_weighting", "none")
+        if weighting != "none":
+            ab = self.schedule.extract("alphas_cumprod", t, x0).flatten().double()
+            w = loss_weights(ab / (1.0 - ab), prediction, weighting, float(hp.get("min_snr_gamma", 5.0)))
+            per_image = per_image * w.to(per_image.dtype)
         return {"loss": per_image.mean(), "per_image": per_image, "t": t}
 
     # -- training -----------------------------------------------------------------------------------------------
@@ -322,7 +427,7 @@ class DiffusionModule(LightningModule):
             sel = (bucket == b).float()
             count = sel.sum()
             metric.update((out["per_image"] * sel).sum() / count.clamp_min(1.0), count)
-        denoise = _prior_denoiser(self.eval_net, self.schedule)
+        denoise = _prior_denoiser(self.eval_net, self.schedule, self.hparams.get("prediction", "eps"))
         for i, (sigma, metric) in enumerate(zip(self.val_sigmas, self.val_psnr)):
             g = torch.Generator().manual_seed(mix_seed(self.hparams.seed, 11, i, batch_idx))
             noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
@@ -375,4 +480,11 @@ def loss_bucket_names(num_timesteps: int = 1000, buckets: int = 10) -> list[str]
     return [f"val/loss_t{k * T // buckets}-{(k + 1) * T // buckets - 1}" for k in range(buckets)]
 
 
-__all__ = ["DiffusionModule", "LinearWarmup", "loss_bucket_names", "one_step_denoise"]
+__all__ = [
+    "DiffusionModule",
+    "LinearWarmup",
+    "loss_bucket_names",
+    "loss_weights",
+    "one_step_denoise",
+    "sample_timesteps",
+]
