@@ -102,7 +102,7 @@ def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
     """The GPU script's timing half, dry-run on the CPU (what scripts/gpu_train_natural.sh runs with DRY_RUN=1)."""
     bench = _load_bench("gpu_timings")
     prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
-    bench.main(["--device", "cpu", "--prior", str(prior), "--train-preset", "tiny", "--nfe", "1", "--size", "32",
+    bench.main(["--device", "cpu", "--prior", str(prior), "--train-preset", "tiny", "--nfe", "2", "--size", "32",
                 "--batches", "1", "--train-batch", "2",
                 "--forward-size", "32", "--forward-batches", "1", "--repeats", "1", "--skip", "forward",
                 "--out", str(tmp_path)])  # fmt: skip
