@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from diffpir.prior import load_prior
+    from diffpir.utils import quiet_console
+
+    quiet_console()  # no litlogger tip, GPU/TPU banners or LeafSpec deprecation between the tasks
 
     try:
         load_prior(args.prior)
