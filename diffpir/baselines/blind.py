@@ -455,19 +455,8 @@ class BlindDiffPIR(Method):
         refine_below: int = 400,
         centre: bool = True,
     ):
-        self.sampler_kwargs: dict[str, Any] = {
-            "steps": steps,
-            "lambda_": lambda_,
-            "zeta": zeta,
-            "skip": skip,
-            "t_start": t_start,
-            "eta": eta,
-            "guidance_scale": guidance_scale,
-            "clip_denoised": clip_denoised,
-            "init": init,
-            "output": output,
-            "batch_invariant": batch_invariant,
-        }
+        values = locals()
+        self.sampler_kwargs: dict[str, Any] = {name: values[name] for name in DiffPIR.PARAMS}
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size}")
         if refine_every < 0 or init_iterations < 0 or kernel_iterations < 0:

@@ -151,28 +151,13 @@ class RestorationModule(L.LightningModule):
             from diffpir.tiling import TiledPrior
 
             self.prior = TiledPrior.wrap(self.prior, tile_size, tile_overlap, tile_batch)
+        # The sampler's settings, by name (DiffPIR.PARAMS), from the saved hyper-parameters.
+        sampler_args = {name: self.hparams[name] for name in DiffPIR.PARAMS}
         if method == "diffpir":
-            sampler_args = {
-                "steps": steps,
-                "lambda_": lambda_,
-                "zeta": zeta,
-                "skip": skip,
-                "t_start": t_start,
-                "eta": eta,
-                "guidance_scale": guidance_scale,
-                "clip_denoised": clip_denoised,
-                "init": init,
-                "output": output,
-                "batch_invariant": batch_invariant,
-                **method_args,
-            }
-            self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **sampler_args)
+            self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **{**sampler_args, **method_args})
             self.method: Method = DiffPIRMethod(sampler=self.sampler)
         elif getattr(METHODS[method], "shares_sampler_args", False):  # blind_diffpir: all sampler settings
-            shared = dict(steps=steps, lambda_=lambda_, zeta=zeta, skip=skip, t_start=t_start, eta=eta)
-            shared.update(guidance_scale=guidance_scale, clip_denoised=clip_denoised, init=init, output=output)
-            shared.update(batch_invariant=batch_invariant)
-            self.method = build_method(method, **{**shared, **method_args})
+            self.method = build_method(method, **{**sampler_args, **method_args})
             self.sampler = self.method
         else:
             shared = {"steps": steps} if "steps" in method_parameters(method) else {}
