@@ -26,7 +26,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m diffpir.demo
+	$(BIN)/python -m diffpir.cli.demo
 
 clean:
 	rm -rf $(VENV) outputs  # never runs/: it holds training checkpoints

@@ -32,8 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffpir.baselines import build_method  # noqa: E402
-from diffpir.baselines.evaluation import (  # noqa: E402
+from diffpir.cli.evaluate import (  # noqa: E402
     Metrics,
     load_batches,
     mean_rows,
@@ -42,6 +41,7 @@ from diffpir.baselines.evaluation import (  # noqa: E402
     task_config,
     write_csv,
 )
+from diffpir.methods import build_method  # noqa: E402
 
 ALL = ("nfe", "tstart", "lambda_zeta")
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from diffpir import NoiseSchedule
-from diffpir.baselines import METHODS, build_method, ffdnet_available
+from diffpir.methods import METHODS, build_method, ffdnet_available
 from diffpir.models import build_unet
 from diffpir.prior import Prior, load_prior
 from diffpir.restoration.tasks import Degradation, build_operator, degrade, synthesize_params
 
 TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise")
-# The step counts of tests/test_baselines.py::test_every_method_runs_on_every_paper_task.
+# The step counts of tests/test_methods.py::test_every_method_runs_on_every_paper_task.
 TEST_ARGS = {
     "diffpir": {"steps": 3},
     "dps": {"steps": 3},

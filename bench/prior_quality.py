@@ -44,7 +44,7 @@ def main() -> None:
     prior = load_prior(args.prior)
     ffdnet = None
     if args.ffdnet:
-        from diffpir.baselines.ffdnet import load_ffdnet
+        from diffpir.methods.ffdnet import load_ffdnet
 
         ffdnet = load_ffdnet()
     mode = "RGB" if args.channels == 3 else "L"

@@ -217,7 +217,7 @@ def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -
 @torch.no_grad()
 def evaluate(prior, judge: DigitNet, real: Tensor, args: argparse.Namespace) -> dict:
     from diffpir import DiffPIR
-    from diffpir.baselines import build_method
+    from diffpir.methods import build_method
     from diffpir.metrics import psnr
     from diffpir.operators import Blur, Inpaint, gaussian_kernel
     from diffpir.training import ddim_sample
@@ -263,7 +263,7 @@ def evaluate(prior, judge: DigitNet, real: Tensor, args: argparse.Namespace) -> 
 @torch.no_grad()
 def baselines(real: Tensor) -> dict:
     """The recipe-independent rows: the inputs and the classical restorations."""
-    from diffpir.baselines import build_method
+    from diffpir.methods import build_method
     from diffpir.metrics import psnr
     from diffpir.operators import Blur, Inpaint, gaussian_kernel
 

@@ -120,7 +120,7 @@ class DiffPIR:
             ``op.initial_estimate(y)`` (clamped to [0, 1]: ``y``, the bicubic upsampling, the mean-filled image) to
             ``t_start`` as ``x`` at ``t_y``, the timestep whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise
             ``y`` already has), adding only the missing noise; ``"classical"`` diffuses the classical baseline's
-            restoration (:class:`~diffpir.baselines.Classical`: Wiener deconvolution, harmonic fill, bicubic
+            restoration (:class:`~diffpir.methods.Classical`: Wiener deconvolution, harmonic fill, bicubic
             upsampling or SURE smoothing, by operator), a better start than ``y`` itself that suits a lower
             ``t_start`` (the fast recipe, ``configs/restore/*_fast.yaml``); ``"official"`` starts as the official
             scripts do, at any ``t_start`` including ``T - 1``: ``y`` unclamped from ``t_y`` (deblurring,
@@ -228,7 +228,7 @@ class DiffPIR:
         """The image-shaped start in [0, 1] that ``init`` diffuses to ``t_start``: ``op.initial_estimate(y)``, or
         with ``init="classical"`` the classical baseline's restoration."""
         if self.init == "classical":
-            from diffpir.baselines.classical import Classical  # noqa: PLC0415 (baselines build on the sampler)
+            from diffpir.methods.classical import Classical  # noqa: PLC0415 (baselines build on the sampler)
 
             return Classical()(y, op, None, sigma_n).clamp(0, 1).to(y.dtype)
         return op.initial_estimate(y)

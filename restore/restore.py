@@ -3,7 +3,7 @@
 python restore/restore.py predict --config configs/restore/deblur_gaussian.yaml
 """
 
-from diffpir.restoration.cli import main
+from diffpir.cli.restore import main
 
 if __name__ == "__main__":
     main()

@@ -29,9 +29,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 (nvidia-smi -L || true) | tee "$OUT/train.log"
 rm -f runs/natural_gpu/checkpoints/last.ckpt  # a fresh run from the bundled weights, never a stale checkpoint
-"$PY" -m diffpir.training.cli fit --config configs/train/natural_gpu.yaml \
+"$PY" -m diffpir.cli.train fit --config configs/train/natural_gpu.yaml \
   --trainer.max_time "00:00:$(printf %02d "$MINUTES"):00" "$@" 2>&1 | tee -a "$OUT/train.log"
-"$PY" -m diffpir.training.cli export --ckpt runs/natural_gpu/checkpoints/last.ckpt \
+"$PY" -m diffpir.cli.train export --ckpt runs/natural_gpu/checkpoints/last.ckpt \
   --out "$OUT/natural.safetensors" --fp16 | tee -a "$OUT/train.log"
 if [ "${TIMINGS:-1}" = 1 ]; then
   if [ "${DRY_RUN:-0}" = 1 ]; then

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffpir.baselines import METHODS, BlindDiffPIR, build_method
-from diffpir.baselines.blind import (
+from diffpir.io import write_png_atomic
+from diffpir.methods import METHODS, BlindDiffPIR, build_method
+from diffpir.methods.blind import (
     BlindStepState,
     align_images,
     centre_kernel,
@@ -25,7 +26,6 @@ from diffpir.baselines.blind import (
     kernel_ncc,
     project_simplex,
 )
-from diffpir.io import write_png_atomic
 from diffpir.models import build_unet
 from diffpir.operators import BlindBlur, Blur, motion_kernel
 from diffpir.prior import Prior, export_prior

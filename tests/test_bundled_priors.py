@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import diffpir
-from diffpir.baselines import build_method
 from diffpir.datasets import list_images, load_image
+from diffpir.methods import build_method
 from diffpir.metrics import psnr
 from diffpir.operators import Blur, Inpaint, gaussian_kernel
 

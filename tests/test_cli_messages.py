@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import diffpir.restoration.module as restoration_module
+from diffpir.cli.restore import main as restore_main
+from diffpir.cli.train import main as train_main
 from diffpir.models import build_unet
 from diffpir.restoration import Degradation
-from diffpir.restoration.cli import main as restore_main
 from diffpir.training import DiffusionModule
-from diffpir.training.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBLUR = ROOT / "configs" / "restore" / "deblur_gaussian.yaml"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffpir.cli.restore import build_cli, main
 from diffpir.models import build_unet
 from diffpir.prior import Prior, export_prior
 from diffpir.restoration import RestorationDataModule, RestorationModule, RestorationWriter, TrajectoryLogger
-from diffpir.restoration.cli import build_cli, main
 from diffpir.schedule import NoiseSchedule
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "restore").glob("*.yaml"))

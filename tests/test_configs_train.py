@@ -11,9 +11,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from diffpir.cli.train import build_cli
 from diffpir.models import UNet
 from diffpir.training import DiffusionModule, ImageFolderDataModule, SampleGridCallback
-from diffpir.training.cli import build_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
 

@@ -1,11 +1,11 @@
-"""The main job (``python -m diffpir.demo``) end to end on a tiny prior: files, table and overview picture."""
+"""The main job (``python -m diffpir.cli.demo``) end to end on a tiny prior: files, table and overview picture."""
 
 import csv
 
 import yaml
 
 from diffpir import NoiseSchedule, export_prior
-from diffpir.demo import config_path, demo_steps, main
+from diffpir.cli.demo import config_path, demo_steps, main
 from diffpir.models import build_unet
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from diffpir import metrics
-from diffpir.baselines import FFDNet, ffdnet_available, load_ffdnet
 from diffpir.datasets import load_image, sample_images
+from diffpir.methods import FFDNet, ffdnet_available, load_ffdnet
 from diffpir.metrics import NumpyOnlyUnpickler, psnr, quantize, ssim
 
 

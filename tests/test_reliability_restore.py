@@ -24,12 +24,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffpir.cli.restore import main
 from diffpir.io import ImageTooLargeError, read_image, remove_temp_files
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior, export_prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
-from diffpir.restoration.cli import main
 from diffpir.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -524,7 +524,7 @@ def test_sigkill_then_rerun_restores_every_image_byte_identically(prior_file, tm
 
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "diffpir.restoration.cli", *common, "--writer.output_dir", str(out)]
+    cmd = [sys.executable, "-m", "diffpir.cli.restore", *common, "--writer.output_dir", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch import Trainer
 from PIL import Image
 
+from diffpir.cli.train import main as cli_main
 from diffpir.models import build_unet
 from diffpir.training import DiffusionModule, ImageCropDataset, ImageFolderDataModule
-from diffpir.training.cli import main as cli_main
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "smoke.yaml"
 
@@ -199,7 +199,7 @@ def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch, 
     last = killed / "runs" / "smoke" / "checkpoints" / "last.ckpt"  # saved every 2 steps (smoke.yaml)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "diffpir.training.cli", *_fit_args(data, 10_000)]
+    cmd = [sys.executable, "-m", "diffpir.cli.train", *_fit_args(data, 10_000)]
     proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180

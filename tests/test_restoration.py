@@ -342,7 +342,7 @@ def test_predict_writes_pngs_csv_and_summary(prior_file, images, tmp_path):
     restored = read_image(out / "restored" / "img3.png")
     assert float(rows[3]["psnr"]) == pytest.approx(float(psnr(restored[None], truth[None])[0]), abs=1e-9)
     # beside it, the input's PSNR (the written measurement) and the classical baseline's
-    from diffpir.baselines.classical import Classical
+    from diffpir.methods.classical import Classical
     from diffpir.restoration.data import collate
 
     assert list(rows[0])[:5] == ["key", "file", "psnr", "psnr_input", "psnr_classical"]
@@ -364,7 +364,7 @@ def test_predict_writes_pngs_csv_and_summary(prior_file, images, tmp_path):
 
 def test_results_do_not_depend_on_batch_size(prior_file, images, tmp_path):
     """Bitwise with the exact option (batches of 3 run image by image); without it, equal to round-off only (the
-    network's convolutions may round differently per batch size, e.g. oneDNN on AVX2: tests/test_baselines.py)."""
+    network's convolutions may round differently per batch size, e.g. oneDNN on AVX2: tests/test_methods.py)."""
     spec = _spec("sr_x4", sigma_n=0.05)
     _predict(str(prior_file), images, tmp_path / "b1", spec, batch_size=1)
     _predict(str(prior_file), images, tmp_path / "b3", spec, batch_size=3, module_kw={"batch_invariant": True})

@@ -27,7 +27,7 @@ def _run(prior: Path, images: Path, out: Path, devices: int, batch_size: int) ->
         f"--data.degradation.kernel_size 9 --trajectory.first_k {N_IMAGES} --trajectory.every 2 "
         f"--trainer.accelerator cpu --trainer.devices {devices} --trainer.enable_progress_bar false"
     )
-    cmd = [sys.executable, "-m", "diffpir.restoration.cli", "predict", *options.split()]
+    cmd = [sys.executable, "-m", "diffpir.cli.restore", "predict", *options.split()]
     cmd += ["--model.prior", str(prior), "--data.images", str(images), "--writer.output_dir", str(out)]
     if devices > 1:
         cmd += ["--trainer.strategy", "ddp"]

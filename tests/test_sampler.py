@@ -175,7 +175,7 @@ def test_denoising_started_at_the_noise_level_of_y_adds_no_noise(sched, prior):
 
 
 def test_classical_init_diffuses_the_classical_restoration(sched, prior, deblur_problem):
-    from diffpir.baselines import Classical
+    from diffpir.methods import Classical
 
     _, y, op, _, sigma_n = deblur_problem
     seen = []
@@ -296,7 +296,7 @@ def test_bad_input_is_refused_with_a_clear_message(sched, prior, deblur_problem)
 def test_params_are_the_constructor_and_round_trip_through_the_wrappers(sched):
     import inspect
 
-    from diffpir.baselines import DiffPIRMethod
+    from diffpir.methods import DiffPIRMethod
     from diffpir.restoration import RestorationModule
 
     assert tuple(inspect.signature(DiffPIR).parameters)[1:] == DiffPIR.PARAMS

@@ -36,13 +36,13 @@ from safetensors.torch import save_file
 
 import diffpir.restoration.writer as writer_mod
 from diffpir.checkpoints import check_ckpt_args, file_kind, local_file
+from diffpir.cli.restore import main as restore_main
+from diffpir.cli.train import human_size
 from diffpir.io import read_image, safe_output_name
 from diffpir.models import build_unet
 from diffpir.prior import BUNDLED_DIR, METADATA_KEY, Prior, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
-from diffpir.restoration.cli import main as restore_main
 from diffpir.schedule import NoiseSchedule
-from diffpir.training.cli import human_size
 from diffpir.training.data import read_image as train_read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def test_restore_has_no_checkpoint_options(capsys):
 def test_local_pickle_checkpoint_is_refused_even_with_weights_only_false(evil_site, tmp_path, capsys, monkeypatch):
     """A local hostile file given to fit (flag) with ``weights_only`` asked false by a flag is refused; with the
     flag left out it is loaded by the guarded loader, which refuses the pickle (nothing runs either way)."""
-    from diffpir.training.cli import main as train_main
+    from diffpir.cli.train import main as train_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["diffpir-train"])
@@ -307,7 +307,7 @@ def test_local_pickle_checkpoint_is_refused_even_with_weights_only_false(evil_si
 def test_checkpoint_hyper_parameters_cannot_choose_classes(tmp_path, capsys, monkeypatch):
     """A weights-only-clean checkpoint whose ``hyper_parameters`` name a class to build (``model.net.class_path``):
     LightningCLI used to read them into the config, importing the module it names."""
-    from diffpir.training.cli import main as train_main
+    from diffpir.cli.train import main as train_main
 
     marker = tmp_path / "imported"
     (tmp_path / "evil_net_mod.py").write_text(
@@ -548,7 +548,7 @@ def test_file_kind_sniffs_every_format(tmp_path):
 
 def test_export_of_a_cosine_prior_keeps_its_schedule(tiny_net, tmp_path, capsys):
     """``diffpir-train export`` of an export whose header starts with 0x80 writes the same schedule again."""
-    from diffpir.training.cli import export_main
+    from diffpir.cli.train import export_main
 
     for T in range(100, 200):
         src = export_prior(tiny_net, NoiseSchedule(np.asarray(_cosine_betas(T))), tmp_path / "src.safetensors")

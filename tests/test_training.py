@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Trainer
 from torchvision.io import write_png
 
+from diffpir.cli.train import main as cli_main
 from diffpir.models import build_unet
 from diffpir.prior import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
@@ -26,7 +27,6 @@ from diffpir.training import (
     list_images,
     one_step_denoise,
 )
-from diffpir.training.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 

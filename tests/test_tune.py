@@ -1,4 +1,4 @@
-"""``diffpir.tune``: the search picks the best grid point (checked against independent runs on the analytic Gaussian
+"""``diffpir.cli.tune``: the search picks the best grid point (checked against independent runs on the analytic Gaussian
 prior) and writes a restoration config that the CLI parses with the chosen values."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from PIL import Image
 
 from diffpir import DiffPIR, NoiseSchedule
 from diffpir.analytic import GaussianPrior, power_law_spectrum
+from diffpir.cli.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, run, tune
 from diffpir.metrics import psnr
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior, export_prior
 from diffpir.restoration import Degradation, image_generator
 from diffpir.restoration.data import RestorationBatch
-from diffpir.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, run, tune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "restore"
 LAMBDAS, ZETAS, STEPS = (1.0, 7.0, 50.0), (0.0, 0.5, 1.0), 20
@@ -86,7 +86,7 @@ def test_default_grid_spans_the_documented_ranges():
 
 
 def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
-    from diffpir.restoration.cli import build_cli
+    from diffpir.cli.restore import build_cli
 
     torch.manual_seed(0)  # the random weights only
     prior_file = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
@@ -104,7 +104,7 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     assert (result.lambda_, result.zeta) == (best["lambda_"], best["zeta"])
 
     text = out.read_text()
-    assert text.startswith("# Tuned by diffpir.tune") and f"best lambda_ = {result.lambda_:g}" in text
+    assert text.startswith("# Tuned by diffpir.cli.tune") and f"best lambda_ = {result.lambda_:g}" in text
     cfg = yaml.safe_load(text)
     assert cfg["data"]["degradation"] == {"task": "denoise", "sigma_n": 0.2}
     assert cfg["model"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)

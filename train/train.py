@@ -3,7 +3,7 @@
 Example: ``python train/train.py fit --config configs/train/digits.yaml``.
 """
 
-from diffpir.training.cli import main
+from diffpir.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ class BlindBlur(Blur):
 
     It carries no true kernel: only the support bound blind methods search in (``kernel_size``) and a current
     estimate (``kernel``, the identity until set), with which :meth:`forward`, :meth:`adjoint` and :meth:`prox`
-    work as for :class:`~diffpir.operators.Blur`. :class:`~diffpir.baselines.BlindDiffPIR` estimates the kernel.
+    work as for :class:`~diffpir.operators.Blur`. :class:`~diffpir.methods.BlindDiffPIR` estimates the kernel.
 
     Args:
         kernel_size: the odd side of the square support of the unknown kernel.

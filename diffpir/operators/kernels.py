@@ -16,7 +16,7 @@ from torch import Tensor
 
 from diffpir.operators.base import as_generator
 from diffpir.operators.fft import as_kernel
-from diffpir.operators.io import load_array
+from diffpir.operators.loading import load_array
 
 
 def _check_size(size: int, minimum: int = 1) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffpir.operators.base import as_generator
-from diffpir.operators.io import load_array
+from diffpir.operators.loading import load_array
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """The LightningModule that restores images with DiffPIR (or a baseline) in ``predict_step``.
 
 One :class:`RestorationModule` holds a :class:`~diffpir.prior.Prior` and a :class:`~diffpir.sampler.DiffPIR`
-sampler (or, with ``method=``, another :class:`~diffpir.baselines.Method`: ``dps``, ``ddnm``, ``dpir``,
+sampler (or, with ``method=``, another :class:`~diffpir.methods.Method`: ``dps``, ``ddnm``, ``dpir``,
 ``dpir_ffdnet``, ``classical``); ``Trainer.predict`` feeds it batches from
 :class:`~diffpir.restoration.data.RestorationDataModule` and a :class:`~diffpir.restoration.writer.RestorationWriter`
 stores what it returns. Multi-GPU is Lightning's DDP.
@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from diffpir.baselines import METHODS, DiffPIRMethod, Method, build_method, method_parameters
+from diffpir.methods import METHODS, DiffPIRMethod, Method, build_method, method_parameters
 from diffpir.prior import Prior, load_prior
 from diffpir.restoration.data import RestorationBatch
 from diffpir.restoration.tasks import image_generator
@@ -85,11 +85,11 @@ class RestorationModule(L.LightningModule):
         output: what is returned: ``x0_pred`` (the last prior prediction), ``x0_hat`` (with a last data step, as
             Algorithm 1) or ``iterate`` (the last iterate, as the official scripts save it).
         batch_invariant: run each image of a batch on its own in lockstep (bitwise the image alone).
-        method: the restoration method (:data:`diffpir.baselines.METHODS`): ``"diffpir"`` (default), ``"dps"``,
+        method: the restoration method (:data:`diffpir.methods.METHODS`): ``"diffpir"`` (default), ``"dps"``,
             ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"``, ``"classical"`` or ``"blind_diffpir"`` (blind deblurring:
-            takes all the sampler settings above, estimates the kernel, see :class:`~diffpir.baselines.BlindDiffPIR`).
+            takes all the sampler settings above, estimates the kernel, see :class:`~diffpir.methods.BlindDiffPIR`).
         method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
-            ``dps``, ``{"iterations": 24}`` for ``dpir``; see :mod:`diffpir.baselines`).
+            ``dps``, ``{"iterations": 24}`` for ``dpir``; see :mod:`diffpir.methods`).
         prior_precision: ``"32"``, ``"bf16"`` or ``"16"``: the prior runs under ``torch.autocast`` with that dtype
             on CUDA; on the CPU it always runs in float32. The sampler's own arithmetic stays float32.
         seed: seeds each image's sampler noise together with its key.
@@ -204,12 +204,12 @@ class RestorationModule(L.LightningModule):
 
         - ``psnr_input``: the measurement ``y`` (clipped to [0, 1]); for SR, whose ``y`` is smaller, its upsampling
           ``op.initial_estimate(y)`` (bicubic);
-        - ``psnr_classical``: the task's classical restoration (:class:`~diffpir.baselines.classical.Classical`:
+        - ``psnr_classical``: the task's classical restoration (:class:`~diffpir.methods.classical.Classical`:
           Wiener deconvolution, bicubic upsampling, harmonic fill or SURE smoothing; no network, a small fraction of
           a diffusion run's cost); not computed when the method is ``classical`` itself (``psnr`` is that), nor for
           blind deblurring (the classical baseline needs the kernel, which is unknown there).
         """
-        from diffpir.baselines.classical import Classical
+        from diffpir.methods.classical import Classical
         from diffpir.metrics import psnr
         from diffpir.operators import BlindBlur
 
@@ -372,12 +372,12 @@ class RestorationModule(L.LightningModule):
             shift = int(getattr(self.method, "align_shift", 0))
             a, b = restored, batch.x
             if shift:
-                from diffpir.baselines.blind import align_images
+                from diffpir.methods.blind import align_images
 
                 a, b, _ = align_images(restored, batch.x, shift)
             metrics = self.compute_metrics(a, b)
         if "kernels" in extras and "kernel" in batch.params:
-            from diffpir.baselines.blind import kernel_ncc
+            from diffpir.methods.blind import kernel_ncc
 
             ncc = kernel_ncc(extras["kernels"], batch.params["kernel"].cpu())
             for m, v in zip(metrics, ncc.tolist()):

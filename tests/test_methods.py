@@ -16,7 +16,7 @@ from PIL import Image
 
 from diffpir import NoiseSchedule
 from diffpir.analytic import GaussianPrior, power_law_spectrum
-from diffpir.baselines import (
+from diffpir.methods import (
     DDNM,
     DPIR,
     DPS,
@@ -33,8 +33,8 @@ from diffpir.baselines import (
     respaced_timesteps,
     wiener_deconvolve,
 )
-from diffpir.baselines.classical import _sure_std
-from diffpir.baselines.ddnm import range_null_projection
+from diffpir.methods.classical import _sure_std
+from diffpir.methods.ddnm import range_null_projection
 from diffpir.models import build_unet
 from diffpir.operators import Bicubic, Blur, Denoise, Downsample, Inpaint, box_mask, gaussian_kernel, random_mask
 from diffpir.prior import Prior, export_prior
@@ -465,7 +465,7 @@ def test_restoration_module_runs_a_baseline(tiny_prior, images, tmp_path, method
 
 
 def test_cli_method_option(prior_file, tmp_path, monkeypatch):
-    from diffpir.restoration.cli import build_cli, main
+    from diffpir.cli.restore import build_cli, main
 
     cfg = CONFIGS / "deblur_gaussian.yaml"
     base = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(tmp_path / "o")]

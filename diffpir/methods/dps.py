@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffpir.baselines.base import Method, check_inputs, schedule_of
+from diffpir.methods.base import Method, check_inputs, schedule_of
 from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, randn
 
 __all__ = ["DPS", "respaced_timesteps"]

@@ -31,13 +31,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, guard_checkpoint_loading
+from diffpir.cli.common import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
-from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
 
 
 def watch_launched_processes(trainer: Trainer) -> None:
-    """Let the stop watchdog (:func:`diffpir.utils.install_stop_watchdog`) find the DDP processes that
+    """Let the stop watchdog (:func:`diffpir.cli.common.install_stop_watchdog`) find the DDP processes that
     ``trainer``'s launcher starts, to forward SIGTERM to them."""
     set_child_processes(lambda: [p.pid for p in getattr(trainer.strategy.launcher, "procs", None) or []])
 
@@ -203,7 +203,7 @@ def main(args: Sequence[str] | None = None) -> None:
             return
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except (ValueError, OSError, pickle.UnpicklingError) as err:  # bad files, refused checkpoints: one line
-        from diffpir.restoration.cli import report_error
+        from diffpir.cli.restore import report_error
 
         report_error("diffpir-train", err)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffpir.baselines.base import Method, check_inputs, prior_denoiser
+from diffpir.methods.base import Method, check_inputs, prior_denoiser
 from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
 
 __all__ = ["DPIR", "DPIRFFDNet", "hqs_schedule"]
@@ -132,7 +132,7 @@ class DPIRFFDNet(_HQS):
 
     def _denoiser(self, prior: Any, like: Tensor) -> Callable[[Tensor, float], Tensor]:
         if self._net is None:
-            from diffpir.baselines.ffdnet import load_ffdnet
+            from diffpir.methods.ffdnet import load_ffdnet
 
             self._net = load_ffdnet(self.weights)
         net = self._net.to(like.device)

@@ -1,4 +1,4 @@
-"""Shared machinery of the benchmarks (``bench/compare_methods.py``, ``bench/ablations.py``) and ``diffpir.tune``:
+"""Shared machinery of the benchmarks (``bench/compare_methods.py``, ``bench/ablations.py``) and ``diffpir.cli.tune``:
 measurements of a task's validation/evaluation images, per-task method defaults, timing, peak memory and metrics.
 
 Metrics follow the paper: PSNR and SSIM on uint8 RGB, LPIPS (VGG, and AlexNet) when the offline weights are there
@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from diffpir.baselines.base import Method
+from diffpir.methods.base import Method
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR
 

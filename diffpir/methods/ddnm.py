@@ -45,8 +45,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffpir.baselines.base import Method, check_inputs, schedule_of
-from diffpir.baselines.dps import respaced_timesteps
+from diffpir.methods.base import Method, check_inputs, schedule_of
+from diffpir.methods.dps import respaced_timesteps
 from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, randn
 
 __all__ = ["DDNM", "range_null_projection"]

@@ -44,12 +44,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffpir.checkpoints import disable_remote_configs, guard_checkpoint_loading
+from diffpir.cli.common import install_stop_watchdog, progress_bars_wanted, quiet_console, stop_gracefully_on_sigterm
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule, StopRequested
 from diffpir.restoration.tasks import Degradation, check_run
 from diffpir.restoration.trajectory import TrajectoryLogger
 from diffpir.restoration.writer import RestorationWriter, write_text_atomic
-from diffpir.utils import install_stop_watchdog, progress_bars_wanted, quiet_console, stop_gracefully_on_sigterm
 
 __all__ = ["USER_ERRORS", "RestoreCLI", "build_cli", "main", "report_error"]
 
@@ -89,7 +89,7 @@ class RestoreCLI(LightningCLI):
         check_run(degradation, data.get("mode", "benchmark"))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        from diffpir.training.cli import watch_launched_processes
+        from diffpir.cli.train import watch_launched_processes
 
         trainer = guard_checkpoint_loading(super().instantiate_trainer(**kwargs))
         watch_launched_processes(trainer)
@@ -191,7 +191,7 @@ def report_error(prog: str, err: BaseException) -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``diffpir-restore`` (``python -m diffpir.restoration.cli``).
+    """Entry point of ``diffpir-restore`` (``python -m diffpir.cli.restore``).
 
     Exits with status 1 when images could not be restored (see ``failed.json``) or are missing, or when the run could
     not start (one-line message, see the module docstring); 2 for a wrong option or config key; 143 after SIGTERM."""

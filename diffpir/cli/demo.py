@@ -1,6 +1,6 @@
 """The main job: restore the bundled sample photos for every paper task with the bundled ``natural`` prior.
 
-    python -m diffpir.demo [--out outputs/demo] [--steps N] [--images 5] [--no-baseline]
+    python -m diffpir.cli.demo [--out outputs/demo] [--steps N] [--images 5] [--no-baseline]
 
 For each task (configs/restore/<task>.yaml: Gaussian and motion deblurring, SR x4, box and random inpainting,
 denoising) it runs ``diffpir-restore predict`` on the bundled 256x256 sample photos (``diffpir/assets/samples``),
@@ -64,7 +64,7 @@ def run_task(
 ) -> dict:
     """One ``diffpir-restore predict`` run on the task's fast config (``steps`` overriding its NFEs); returns its
     ``summary.json``."""
-    from diffpir.restoration.cli import build_cli
+    from diffpir.cli.restore import build_cli
 
     args = [
         "predict",
@@ -92,7 +92,7 @@ def run_task(
 
 def classical_available() -> bool:
     try:
-        from diffpir.baselines import METHODS  # noqa: PLC0415
+        from diffpir.methods import METHODS  # noqa: PLC0415
     except ImportError:
         return False
     return "classical" in METHODS
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the classical baselines")
     args = ap.parse_args(argv)
 
+    from diffpir.cli.common import quiet_console
     from diffpir.prior import load_prior
-    from diffpir.utils import quiet_console
 
     quiet_console()  # no litlogger tip, GPU/TPU banners or LeafSpec deprecation between the tasks
 

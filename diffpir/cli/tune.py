@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from diffpir.baselines.evaluation import load_batches
+from diffpir.cli.evaluate import load_batches
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR, EpsModel
 
@@ -180,7 +180,7 @@ def write_config(
         model["prior"] = prior
     rows = sorted(result.table, key=lambda r: (r["lambda_"], r["zeta"]))
     head = [
-        f"# Tuned by diffpir.tune from {source or 'a restoration config'}: {result.objective} "
+        f"# Tuned by diffpir.cli.tune from {source or 'a restoration config'}: {result.objective} "
         f"{'maximised' if result.objective == 'psnr' else 'minimised'}, best lambda_ = {result.lambda_:g}, "
         f"zeta = {result.zeta:g} ({result.objective} {result.score:.4f}).",
         "# Evaluated points (lambda_, zeta: mean PSNR dB[, LPIPS]):",
@@ -234,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``diffpir-tune`` (and ``python -m diffpir.tune``): :func:`run`, then exit status 0."""
+    """Entry point of ``diffpir-tune`` (and ``python -m diffpir.cli.tune``): :func:`run`, then exit status 0."""
     run(argv)
     return 0
 

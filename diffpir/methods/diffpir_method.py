@@ -1,4 +1,4 @@
-"""DiffPIR itself behind the :class:`~diffpir.baselines.base.Method` interface (a thin wrapper of the sampler)."""
+"""DiffPIR itself behind the :class:`~diffpir.methods.base.Method` interface (a thin wrapper of the sampler)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from diffpir.baselines.base import Method, check_inputs, schedule_of
+from diffpir.methods.base import Method, check_inputs, schedule_of
 from diffpir.sampler import DataOperator, DiffPIR, EpsModel, GeneratorArg, StepState
 from diffpir.schedule import NoiseSchedule
 

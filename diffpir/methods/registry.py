@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from diffpir.baselines.base import Method
-from diffpir.baselines.blind import BlindDiffPIR
-from diffpir.baselines.classical import Classical
-from diffpir.baselines.ddnm import DDNM
-from diffpir.baselines.diffpir_method import DiffPIRMethod
-from diffpir.baselines.dpir import DPIR, DPIRFFDNet
-from diffpir.baselines.dps import DPS
+from diffpir.methods.base import Method
+from diffpir.methods.blind import BlindDiffPIR
+from diffpir.methods.classical import Classical
+from diffpir.methods.ddnm import DDNM
+from diffpir.methods.diffpir_method import DiffPIRMethod
+from diffpir.methods.dpir import DPIR, DPIRFFDNet
+from diffpir.methods.dps import DPS
 
 __all__ = ["METHODS", "build_method", "method_parameters"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffpir.baselines.base import Method, check_inputs
+from diffpir.methods.base import Method, check_inputs
 from diffpir.operators import Blur, Denoise, Inpaint
 from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffpir.baselines.base import Method, check_inputs, schedule_of
+from diffpir.methods.base import Method, check_inputs, schedule_of
 from diffpir.operators.blur import Blur
 from diffpir.operators.fft import psf2otf
 from diffpir.sampler import DataOperator, DiffPIR, EpsModel, GeneratorArg, StepState
@@ -404,7 +404,7 @@ class _LiveBlur(Blur):
 class BlindDiffPIR(Method):
     """Blind deblurring: DiffPIR with a kernel step alternating with the image step (see the module docstring).
 
-    ``method(y, op, prior, sigma_n, generator) -> x`` as every :class:`~diffpir.baselines.Method`; the kernel
+    ``method(y, op, prior, sigma_n, generator) -> x`` as every :class:`~diffpir.methods.Method`; the kernel
     of the last call is :attr:`last_kernel` (``[N, kh, kw]``), and :meth:`solve` returns both. ``op`` only gives
     the support size when ``kernel_size`` is None (a :class:`~diffpir.operators.BlindBlur`'s ``kernel_size``, or
     the size of a :class:`~diffpir.operators.Blur`'s kernel); its kernel values are never read.

@@ -31,7 +31,7 @@ class Method(ABC):
     """A restoration method: ``method(y, op, prior, sigma_n=0.05, generator=None) -> x``.
 
     Attributes:
-        name: the registry name (:data:`diffpir.baselines.METHODS`).
+        name: the registry name (:data:`diffpir.methods.METHODS`).
         uses_prior: whether ``prior`` is used (the classical baselines and the FFDNet PnP ignore it).
     """
 

@@ -13,15 +13,15 @@
   ``solve`` returns the image and the kernel).
 """
 
-from diffpir.baselines.base import Method, eps_denoiser, prior_denoiser
-from diffpir.baselines.blind import BlindDiffPIR, BlindResult, estimate_kernel, kernel_ncc
-from diffpir.baselines.classical import Classical, gaussian_smooth, harmonic_fill, wiener_deconvolve
-from diffpir.baselines.ddnm import DDNM
-from diffpir.baselines.diffpir_method import DiffPIRMethod
-from diffpir.baselines.dpir import DPIR, DPIRFFDNet, hqs_schedule
-from diffpir.baselines.dps import DPS, respaced_timesteps
-from diffpir.baselines.ffdnet import FFDNet, ffdnet_available, ffdnet_weights_path, load_ffdnet
-from diffpir.baselines.registry import METHODS, build_method, method_parameters
+from diffpir.methods.base import Method, eps_denoiser, prior_denoiser
+from diffpir.methods.blind import BlindDiffPIR, BlindResult, estimate_kernel, kernel_ncc
+from diffpir.methods.classical import Classical, gaussian_smooth, harmonic_fill, wiener_deconvolve
+from diffpir.methods.ddnm import DDNM
+from diffpir.methods.diffpir_method import DiffPIRMethod
+from diffpir.methods.dpir import DPIR, DPIRFFDNet, hqs_schedule
+from diffpir.methods.dps import DPS, respaced_timesteps
+from diffpir.methods.ffdnet import FFDNet, ffdnet_available, ffdnet_weights_path, load_ffdnet
+from diffpir.methods.registry import METHODS, build_method, method_parameters
 
 __all__ = [
     "DDNM",
