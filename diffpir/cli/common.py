@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -158,9 +159,53 @@ def _hard_exit(signum: int) -> None:
 
 
 __all__ = [
+    "USER_ERRORS",
+    "report_error",
     "STOP_GRACE_S",
     "install_stop_watchdog",
     "progress_bars_wanted",
     "quiet_console",
     "set_child_processes",
 ]
+
+
+# -- one-line errors -----------------------------------------------------------------------------------------------
+
+# What the CLIs report in one line (exit status 1) instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError)
+
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+
+
+def _reason(err: BaseException) -> BaseException:
+    """The error that says why: jsonargparse wraps the error of a dataclass or class it could not build (e.g.
+    ``Degradation``'s "sigma_n must be a number >= 0") in "Does not validate against any of the Union subtypes";
+    follow ``__cause__`` down to the first error that is not such a wrapper."""
+    seen: set[int] = set()
+    while str(err).lstrip().startswith(_WRAPPERS) and err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    return err
+
+
+def report_error(prog: str, err: BaseException) -> None:
+    """Print ``<prog>: error: <message>`` for a user-facing error and exit with status 1 (re-raise it instead
+    when ``DIFFPIR_DEBUG`` is set)."""
+    if os.environ.get("DIFFPIR_DEBUG"):
+        raise err
+    err = _reason(err)
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    if lines[0].startswith("Does not validate against any of the Union subtypes"):
+        # jsonargparse wraps what a class refused (e.g. Degradation's checks) in a union error: show the reason
+        reasons = [ln[2:] for ln in lines if ln.startswith("- ") and not ln.startswith("- Expected a <class")]
+        lines = reasons[:1] or lines
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: say so, and why
+        why = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln][:1]
+        lines = [
+            "refused to load a checkpoint: it carries code or Python objects, not just tensors and plain "
+            "containers, and files are never loaded in a way that could run code.",
+            *why,
+        ]
+    print(f"{prog}: error: {' '.join(lines[:2])}", file=sys.stderr)
+    print(f"{prog}: (set DIFFPIR_DEBUG=1 for the traceback)", file=sys.stderr)
+    raise SystemExit(1)

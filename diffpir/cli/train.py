@@ -31,7 +31,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, guard_checkpoint_loading
-from diffpir.cli.common import install_stop_watchdog, progress_bars_wanted, quiet_console, set_child_processes
+from diffpir.cli.common import (
+    install_stop_watchdog,
+    progress_bars_wanted,
+    quiet_console,
+    report_error,
+    set_child_processes,
+)
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
 
@@ -203,8 +209,6 @@ def main(args: Sequence[str] | None = None) -> None:
             return
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except (ValueError, OSError, pickle.UnpicklingError) as err:  # bad files, refused checkpoints: one line
-        from diffpir.cli.restore import report_error
-
         report_error("diffpir-train", err)
 
 

@@ -43,17 +43,16 @@ class Method(ABC):
     def nfe(self) -> int:
         """Network evaluations per image (0 for the classical baselines). DPS adds one backward pass each."""
 
-    @abstractmethod
     def __call__(
         self,
         y: Tensor,
         op: DataOperator,
-        prior: EpsModel | None,
+        prior: EpsModel | None = None,
         sigma_n: float = 0.05,
         generator: GeneratorArg = None,
         callback: Callable[[StepState], None] | None = None,
     ) -> Tensor:
-        """Restore ``x`` from ``y = H(x) + n``.
+        """Restore ``x`` from ``y = H(x) + n``: checks the inputs (:func:`check_inputs`), then :meth:`restore`.
 
         Args:
             y: measurements ``[N, C, h, w]`` in [0, 1] (noisy, unclipped).
@@ -67,6 +66,12 @@ class Method(ABC):
         Returns:
             ``[N, C, H, W]`` restored images in [0, 1] space (not clamped).
         """
+        check_inputs(y, op, sigma_n)
+        return self.restore(y, op, prior, float(sigma_n), generator, callback)
+
+    @abstractmethod
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
+        """The method proper, on checked inputs (arguments as :meth:`__call__`; ``callback`` may be None)."""
 
     def config(self) -> dict[str, Any]:
         """The method's hyper-parameters (primitive values), for logs and result tables."""

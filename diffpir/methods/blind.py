@@ -593,14 +593,6 @@ class BlindDiffPIR(Method):
         self.last_kernel = kernel
         return BlindResult(x, kernel)
 
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None,
-        sigma_n: float = 0.01,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         """The restored image (the kernel: :attr:`last_kernel`, or call :meth:`solve`)."""
         return self.solve(y, op, prior, sigma_n, generator, callback).image

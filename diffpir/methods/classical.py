@@ -27,7 +27,7 @@ from torch import Tensor
 
 from diffpir.methods.base import Method, check_inputs
 from diffpir.operators import Blur, Denoise, Inpaint
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
+from diffpir.sampler import DataOperator, GeneratorArg
 
 __all__ = [
     "Classical",
@@ -259,16 +259,7 @@ class Classical(Method):
     def config(self) -> dict[str, Any]:
         return {"inpaint": self.inpaint, "wiener_nsr": self.wiener_nsr}
 
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None = None,
-        sigma_n: float = 0.05,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
-        check_inputs(y, op, sigma_n)
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         sigma = max(float(sigma_n), QUANT_SIGMA)
         if isinstance(op, Blur):
             if self.wiener_nsr is not None:

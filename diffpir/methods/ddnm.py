@@ -45,9 +45,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffpir.methods.base import Method, check_inputs, schedule_of
+from diffpir.methods.base import Method, schedule_of
 from diffpir.methods.dps import respaced_timesteps
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, randn
+from diffpir.sampler import DataOperator, GeneratorArg, StepState, randn
 
 __all__ = ["DDNM", "range_null_projection"]
 
@@ -120,16 +120,7 @@ class DDNM(Method):
         return s / (a * sigma_y), self.pinv_rho, 0.0
 
     @torch.no_grad()
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None,
-        sigma_n: float = 0.05,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
-        check_inputs(y, op, sigma_n)
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         sched = schedule_of(prior, "DDNM")
         ab = sched.host("alphas_cumprod")
         ts = respaced_timesteps(sched.T, self.steps)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import Tensor
 
-from diffpir.methods.base import Method, check_inputs, schedule_of
-from diffpir.sampler import DataOperator, DiffPIR, EpsModel, GeneratorArg, StepState
+from diffpir.methods.base import Method, schedule_of
+from diffpir.sampler import DataOperator, DiffPIR, GeneratorArg
 from diffpir.schedule import NoiseSchedule
 
 __all__ = ["DiffPIRMethod"]
@@ -77,15 +76,6 @@ class DiffPIRMethod(Method):
     def config(self) -> dict[str, Any]:
         return dict(self.kwargs)
 
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None,
-        sigma_n: float = 0.05,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
-        check_inputs(y, op, sigma_n)
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         sampler = self.sampler_for(schedule_of(prior, "DiffPIR"))
         return sampler(y, op, prior, sigma_n=sigma_n, generator=generator, callback=callback)

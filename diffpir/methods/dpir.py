@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffpir.methods.base import Method, check_inputs, prior_denoiser
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
+from diffpir.methods.base import Method, prior_denoiser
+from diffpir.sampler import DataOperator, GeneratorArg, StepState
 
 __all__ = ["DPIR", "DPIRFFDNet", "hqs_schedule"]
 
@@ -68,16 +68,7 @@ class _HQS(Method):
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None,
-        sigma_n: float = 0.05,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
-        check_inputs(y, op, sigma_n)
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         sigmas, rhos = hqs_schedule(sigma_n, self.iterations, self.lambda_, self.sigma_max)
         denoise = self._denoiser(prior, y)
         prox = op.prox_fn(y)

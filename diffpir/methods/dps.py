@@ -20,15 +20,14 @@ The variance of the ancestral step is the posterior's (``"small"``: ``beta_t (1 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffpir.methods.base import Method, check_inputs, schedule_of
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, randn
+from diffpir.methods.base import Method, schedule_of
+from diffpir.sampler import DataOperator, GeneratorArg, StepState, randn
 
 __all__ = ["DPS", "respaced_timesteps"]
 
@@ -82,16 +81,7 @@ class DPS(Method):
             "clip_denoised": self.clip_denoised,
         }
 
-    def __call__(
-        self,
-        y: Tensor,
-        op: DataOperator,
-        prior: EpsModel | None,
-        sigma_n: float = 0.05,
-        generator: GeneratorArg = None,
-        callback: Callable[[StepState], None] | None = None,
-    ) -> Tensor:
-        check_inputs(y, op, sigma_n)
+    def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
         sched = schedule_of(prior, "DPS")
         ab = sched.host("alphas_cumprod")
         ts = respaced_timesteps(sched.T, self.steps)
