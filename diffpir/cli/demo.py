@@ -48,7 +48,7 @@ METRICS = ("psnr", "ssim", "lpips")
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def config_path(task: str) -> Path:
