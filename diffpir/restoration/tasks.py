@@ -15,7 +15,6 @@ Ranges: images in [0, 1]; ``sigma_n`` is the noise std on the [0, 1] scale (the 
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from diffpir.operators import (
     motion_kernel,
     random_mask,
 )
+from diffpir.seeding import mix_seed
 
 __all__ = [
     "TASKS",
@@ -74,10 +74,9 @@ _PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif
 
 
 def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the string forms of ``parts`` (e.g. ``(seed, key, "noise")``), stable across runs,
-    processes and machines (SHA-256, unlike Python's salted ``hash``)."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little") >> 1
+    """``mix_seed(*parts, text=True)``: a 63-bit seed from the string forms of ``parts`` (e.g. ``(seed, key,
+    "noise")``), stable across runs, processes and machines (see :mod:`diffpir.seeding`)."""
+    return mix_seed(*parts, text=True)
 
 
 def image_generator(seed: int, key: str, purpose: str) -> torch.Generator:

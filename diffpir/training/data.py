@@ -28,25 +28,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 
 from diffpir.io import exif_orientation, upright
+from diffpir.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 """File types read by :func:`list_images` (those ``torchvision.io.decode_image`` decodes)."""
-
-_MIX = 0x9E3779B97F4A7C15  # 64-bit golden ratio, for seed mixing
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (splitmix64-style), so that nearby tuples give unrelated streams."""
-    h = 0
-    for p in parts:
-        h = (h ^ (int(p) & ((1 << 64) - 1))) * _MIX & ((1 << 64) - 1)
-        h ^= h >> 31
-        h = h * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
-        h ^= h >> 29
-    return h & _MASK
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -474,6 +461,5 @@ __all__ = [
     "ImageFolderDataModule",
     "ResumableDataLoader",
     "list_images",
-    "mix_seed",
     "read_image",
 ]
