@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffpir.io import IMAGE_SUFFIXES
 from diffpir.operators import (
     Bicubic,
     BlindBlur,
@@ -70,7 +71,7 @@ SIGMA_N_MAX = 255.0
 """Largest accepted ``sigma_n``. It is on the [0, 1] scale: values above 1 are accepted with a warning (most likely a
 0-255 value given by mistake; the warning gives the [0, 1] value), values above 255 are refused (no noise std on any
 scale; 1e300 would only overflow)."""
-_PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+_PARAM_SUFFIXES = (".npy", ".pt", ".pth", *IMAGE_SUFFIXES)
 
 
 def stable_seed(*parts: object) -> int:
