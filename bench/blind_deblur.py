@@ -46,12 +46,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffpir.datasets import EVAL_SOURCES, NATURAL_VAL, SAMPLE_NAMES  # noqa: E402
+from diffpir.datasets import SAMPLE_NAMES  # noqa: E402
 from diffpir.io import read_image  # noqa: E402
 from diffpir.methods import BlindDiffPIR, Classical, DiffPIRMethod  # noqa: E402
 from diffpir.methods.blind import align_images, kernel_ncc  # noqa: E402
 from diffpir.metrics import psnr, ssim  # noqa: E402
 from diffpir.operators import BlindBlur, Blur  # noqa: E402
+from diffpir.prepare import EVAL_SOURCES, NATURAL_VAL  # noqa: E402
 from diffpir.prior import load_prior  # noqa: E402
 from diffpir.restoration.tasks import Degradation, degrade, image_generator, synthesize_params  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffpir.datasets import list_images, load_image
+from diffpir.io import list_image_files, read_image
 from diffpir.metrics import psnr
 from diffpir.prior import load_prior
 
@@ -38,7 +38,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    files = list_images(args.images)[: args.limit]
+    files = list_image_files(args.images, recursive=False)[: args.limit]
     if not files:
         raise SystemExit(f"no images in {args.images}: run scripts/prepare_data.py first")
     prior = load_prior(args.prior)
@@ -47,7 +47,6 @@ def main() -> None:
         from diffpir.methods.ffdnet import load_ffdnet
 
         ffdnet = load_ffdnet()
-    mode = "RGB" if args.channels == 3 else "L"
     rows: dict[str, dict[str, float]] = {"noisy": {}, "prior": {}, **({"ffdnet": {}} if ffdnet else {})}
     start = time.perf_counter()
     with torch.no_grad():
@@ -55,7 +54,7 @@ def main() -> None:
             s = sigma / 255
             acc: dict[str, list[float]] = {k: [] for k in rows}
             for i, f in enumerate(files):
-                x = load_image(f, mode)[None]
+                x = read_image(f, args.channels, decoder="pillow")[None]
                 g = torch.Generator().manual_seed(1000 * sigma + i)
                 noisy = x + s * torch.randn(x.shape, generator=g)
                 acc["noisy"].append(psnr(noisy, x).item())

@@ -66,12 +66,12 @@ SIGMAS = (15, 25, 50)
 # -- data -----------------------------------------------------------------------------------------------------------
 def load_split(folder: Path) -> tuple[Tensor, Tensor]:
     """Images [N, 1, 32, 32] in [0, 1] and labels [N] (file names end in ``_<label>.png``)."""
-    from diffpir.datasets import list_images, load_image
+    from diffpir.io import list_image_files, read_image
 
-    files = list_images(folder)
+    files = list_image_files(folder, recursive=False)
     if not files:
         raise SystemExit(f"no digits in {folder}: run `python scripts/prepare_data.py digits` first")
-    images = torch.stack([load_image(f, "L") for f in files])
+    images = torch.stack([read_image(f, 1, decoder="pillow") for f in files])
     labels = torch.tensor([int(f.stem.rsplit("_", 1)[1]) for f in files])
     return images, labels
 

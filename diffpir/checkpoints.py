@@ -8,10 +8,9 @@ Lightning's own checkpoint loading (``--ckpt_path`` of ``diffpir-train fit|valid
 :func:`check_ckpt_args` vets the arguments up front and :func:`guard_checkpoint_loading` replaces the trainer's loader,
 so that neither a config (``weights_only: false``) nor a flag can re-enable pickles.
 
-Saving goes to a temporary file in the destination folder first, then ``os.replace`` moves it into place, so a
-crash or a full disk never leaves a truncated checkpoint under the final name. Temporary files are named
-``.<final name>.diffpir-<pid>-<random>.tmp`` (:func:`temp_owner` reads the pid back), so that a cleanup only ever
-removes the leftovers of dead diffpir processes.
+Saving goes through :func:`diffpir.io.atomic_output` (re-exported here with :func:`~diffpir.io.temp_owner`): a
+temporary file in the destination folder, then ``os.replace``, so a crash or a full disk never leaves a truncated
+checkpoint under the final name.
 """
 
 from __future__ import annotations
@@ -20,13 +19,12 @@ import os
 import pickle
 import re
 import stat
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffpir.io import atomic_output, temp_owner
 
 __all__ = [
     "CKPT_KEYWORDS",
@@ -47,8 +45,6 @@ CKPT_KEYWORDS = ("last", "best", "hpc")
 """``ckpt_path`` values Lightning resolves to a local checkpoint of the run itself (checked again once resolved)."""
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//|:)|::")  # scheme:// (http, file, s3, ...) or an fsspec chain
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
-_TEMP_TAG = "diffpir"
-_TEMP = re.compile(r"^\.(?P<name>.+)\." + _TEMP_TAG + r"-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
 
 
 def local_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path:
@@ -123,44 +119,6 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: MapLocation = "c
         ) from None
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"could not read {path} as a torch checkpoint: {err}") from err
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, on error it is
-    removed. Parent folders are created.
-
-    >>> with atomic_output("out/model.safetensors") as tmp:  # doctest: +SKIP
-    ...     save_file(tensors, tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.{_TEMP_TAG}-{os.getpid()}-"
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp makes 0600 and some writers (safetensors) recreate the file: give the final file the mode a plain
-        # open() would give it (0666 less the umask), as every other output has.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def temp_owner(name: str) -> int | None:
-    """The pid of the process that made the temporary file ``name`` (a file name of :func:`atomic_output`'s
-    form), or None when ``name`` is not one of ours."""
-    m = _TEMP.match(name)
-    return int(m.group("pid")) if m else None
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:

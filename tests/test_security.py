@@ -43,7 +43,6 @@ from diffpir.models import build_unet
 from diffpir.prior import BUNDLED_DIR, METADATA_KEY, Prior, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
-from diffpir.training.data import read_image as train_read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "train" / "smoke.yaml"
@@ -877,7 +876,7 @@ def test_exif_orientation_is_applied_when_reading(tmp_path, fmt):
         else:
             assert torch.equal(got, expect), (fmt, orientation)
         if fmt == "PNG":
-            assert torch.equal(train_read_image(path, 3), (expect * 255).round().byte()), orientation
+            assert torch.equal(read_image(path, 3, dtype=torch.uint8), (expect * 255).round().byte()), orientation
 
 
 def test_sideways_phone_photo_is_restored_upright(prior_file, tmp_path):

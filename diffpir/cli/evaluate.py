@@ -253,7 +253,7 @@ def _inception(device: torch.device) -> torch.nn.Module:
     """pytorch-fid's Inception (pool3) on ``device``, with its weights provisioned offline; built once."""
     from pytorch_fid.inception import InceptionV3
 
-    from diffpir.metrics import provision_fid_weights
+    from diffpir.weights import provision_fid_weights
 
     provision_fid_weights()
     return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()

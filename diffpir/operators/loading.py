@@ -8,23 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def _read_gray(path: Path) -> Tensor:
-    """An image file as grayscale float64 ``[h, w]`` in [0, 1], 16-bit images at full precision.
-
-    Read with Pillow (a dependency of torchvision, whose own ``torchvision.io`` decoders are deprecated from
-    torchvision 0.29).
-    """
-    from PIL import Image
-
-    with Image.open(path) as img:
-        if img.mode.startswith("I;16"):
-            arr = np.asarray(img, dtype=np.float64) / 65535.0
-        else:
-            arr = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    return torch.from_numpy(arr.copy())
+from diffpir.io import IMAGE_SUFFIXES, read_image
 
 
 def load_array(path: str | Path, what: str) -> Tensor:
@@ -53,7 +37,8 @@ def load_array(path: str | Path, what: str) -> Tensor:
                 raise ValueError(f"expected a tensor, got {type(obj).__name__}")
             arr = obj.detach().to(torch.float64)
         elif suffix in IMAGE_SUFFIXES:
-            arr = _read_gray(path)
+            # grey float64 [1, h, w] in [0, 1] (16-bit at full precision), Pillow's luma as before
+            arr = read_image(path, channels=1, dtype=torch.float64, decoder="pillow")
         else:
             kinds = ", ".join(IMAGE_SUFFIXES)
             raise ValueError(f"unknown file type {suffix!r}; use .npy, .pt/.pth or an image ({kinds})")

@@ -15,7 +15,6 @@ Ranges: images in [0, 1]; ``sigma_n`` is the noise std on the [0, 1] scale (the 
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffpir.io import IMAGE_SUFFIXES
 from diffpir.operators import (
     Bicubic,
     BlindBlur,
@@ -39,6 +39,7 @@ from diffpir.operators import (
     motion_kernel,
     random_mask,
 )
+from diffpir.seeding import mix_seed
 
 __all__ = [
     "TASKS",
@@ -70,14 +71,13 @@ SIGMA_N_MAX = 255.0
 """Largest accepted ``sigma_n``. It is on the [0, 1] scale: values above 1 are accepted with a warning (most likely a
 0-255 value given by mistake; the warning gives the [0, 1] value), values above 255 are refused (no noise std on any
 scale; 1e300 would only overflow)."""
-_PARAM_SUFFIXES = (".npy", ".pt", ".pth", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+_PARAM_SUFFIXES = (".npy", ".pt", ".pth", *IMAGE_SUFFIXES)
 
 
 def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the string forms of ``parts`` (e.g. ``(seed, key, "noise")``), stable across runs,
-    processes and machines (SHA-256, unlike Python's salted ``hash``)."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little") >> 1
+    """``mix_seed(*parts, text=True)``: a 63-bit seed from the string forms of ``parts`` (e.g. ``(seed, key,
+    "noise")``), stable across runs, processes and machines (see :mod:`diffpir.seeding`)."""
+    return mix_seed(*parts, text=True)
 
 
 def image_generator(seed: int, key: str, purpose: str) -> torch.Generator:

@@ -25,46 +25,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.io import ImageReadMode, decode_image
 
-from diffpir.io import exif_orientation, upright
+from diffpir.io import list_image_files as list_images
+from diffpir.io import read_image
+from diffpir.seeding import mix_seed
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-"""File types read by :func:`list_images` (those ``torchvision.io.decode_image`` decodes)."""
-
-_MIX = 0x9E3779B97F4A7C15  # 64-bit golden ratio, for seed mixing
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (splitmix64-style), so that nearby tuples give unrelated streams."""
-    h = 0
-    for p in parts:
-        h = (h ^ (int(p) & ((1 << 64) - 1))) * _MIX & ((1 << 64) - 1)
-        h ^= h >> 31
-        h = h * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
-        h ^= h >> 29
-    return h & _MASK
-
-
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files (``.png .jpg .jpeg .webp``, any case) under ``root``, recursively, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist (or is not a folder)")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def read_image(path: str | os.PathLike, channels: int) -> Tensor:
-    """Decode one image file to uint8 ``[channels, H, W]`` (grey or RGB, alpha dropped; 16-bit scaled to 8), upright
-    (the EXIF orientation applied)."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    img = upright(decode_image(str(path), mode=mode), exif_orientation(path))  # phone photos: EXIF orientation
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = (img.float() / torch.iinfo(img.dtype).max * 255).round().clamp(0, 255).to(torch.uint8)
-    return img
 
 
 class ImageCropDataset(Dataset):
@@ -148,7 +114,7 @@ class ImageCropDataset(Dataset):
     # -- reading ----------------------------------------------------------------------------------------------
     def _try_read(self, path: str) -> Tensor | None:
         try:
-            img = read_image(path, self.channels)
+            img = read_image(path, self.channels, dtype=torch.uint8)  # upright, 16-bit scaled to 8
         except Exception as err:  # torchvision raises RuntimeError/ValueError depending on the decoder
             log.warning("%s: cannot read image %s (%s); skipping it", self.name, path, err)
             self.bad_files.append(path)
@@ -469,11 +435,8 @@ class ImageFolderDataModule(LightningDataModule):
 
 __all__ = [
     "EpochSampler",
-    "IMAGE_SUFFIXES",
     "ImageCropDataset",
     "ImageFolderDataModule",
     "ResumableDataLoader",
     "list_images",
-    "mix_seed",
-    "read_image",
 ]

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 
 from diffpir.checkpoints import safe_torch_load
 from diffpir.schedule import NoiseSchedule
-from diffpir.training.data import mix_seed
+from diffpir.seeding import mix_seed
 from diffpir.training.ema import EMA
 
 log = logging.getLogger(__name__)
