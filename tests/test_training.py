@@ -14,7 +14,8 @@ from torchvision.io import write_png
 
 from diffpir.cli.train import main as cli_main
 from diffpir.models import build_unet
-from diffpir.prior import export_prior, load_prior
+from diffpir.prior import eps_denoise
+from diffpir.priorfile import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import (
     EMA,
@@ -25,7 +26,6 @@ from diffpir.training import (
     SampleGridCallback,
     ddim_sample,
     list_images,
-    one_step_denoise,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -205,14 +205,24 @@ def test_stratified_validation_timesteps_cover_all_buckets():
     assert buckets[0] == 3
 
 
-def test_one_step_denoise_is_exact_for_the_oracle_eps():
+@pytest.mark.parametrize("t", [0, 300, 999])
+def test_eps_denoise_is_exact_for_the_oracle_eps(t):
+    """D(x, sigma) of the true eps is x0 for any sigma; the net is asked at the timestep of sigma with the
+    unit-variance input x / sqrt(1 + sigma^2) (= x_t when sigma = sigma_bar_t); only the first C channels count."""
     sched = NoiseSchedule.linear()
-    t = 300
     sigma = float(sched.sigma_bar[t])
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     n = torch.randn(2, 3, 8, 8)
-    oracle = lambda x_t, tt: n  # noqa: E731 - the true eps of x_t = sqrt(ab) (x0 + sigma n)
-    torch.testing.assert_close(one_step_denoise(oracle, sched, x0 + sigma * n, sigma), x0, atol=1e-5, rtol=0)
+    seen = {}
+
+    def oracle(x_in, tt):  # a learn_sigma layout: eps, then variance channels that must be ignored
+        seen.update(x=x_in, t=tt)
+        return torch.cat([n, torch.full_like(n, 1e3)], 1)
+
+    x = x0 + sigma * n
+    torch.testing.assert_close(eps_denoise(oracle, sched, x, sigma), x0, atol=1e-6 * (1 + sigma), rtol=0)
+    assert seen["t"].tolist() == [t, t]
+    torch.testing.assert_close(seen["x"], sched.extract("sqrt_alphas_cumprod", seen["t"], x) * x, atol=1e-6, rtol=1e-5)
 
 
 def test_hparams_are_primitive():
