@@ -297,6 +297,56 @@ def test_checkpoint_carries_the_prior_and_loads_weights_only(images: Path, tmp_p
     assert torch.equal(rebuilt.ema.module.out[2].weight, module.ema.module.out[2].weight)
 
 
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.mkdir, (self.marker,))
+
+
+def test_from_checkpoint_loads_through_lightning_with_the_guards(tmp_path: Path, monkeypatch):
+    """Lightning's load_from_checkpoint (weights_only) behind the guards: overrides apply, the file's
+    hyper-parameters cannot pick an instantiator, and URLs, folders, code and other architectures are refused."""
+    import lightning
+
+    module = DiffusionModule(tiny_net(), ema_decay=0.9, val_sigmas=(25.0,))
+    with torch.no_grad():
+        module.ema.module.out[2].weight.add_(1.0)  # the EMA copy differs from the net
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    ckpt["pytorch-lightning_version"] = lightning.__version__
+    module.on_save_checkpoint(ckpt)
+    ckpt["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"  # allow-listed by Lightning
+    path = tmp_path / "m.ckpt"
+    torch.save(ckpt, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint chose how the module is built")
+
+    monkeypatch.setattr("lightning.pytorch.cli.instantiate_module", refuse)
+    rebuilt = DiffusionModule.from_checkpoint(path, val_sigmas=(15.0,))
+    assert type(rebuilt) is DiffusionModule and rebuilt.val_sigmas == [15.0] and rebuilt.hparams.ema_decay == 0.9
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in rebuilt.state_dict().items())
+    assert rebuilt.net.config == module.net.config
+
+    with pytest.raises(ValueError, match="is a URL"):
+        DiffusionModule.from_checkpoint("https://example.com/m.ckpt")
+    with pytest.raises(ValueError, match="is a folder"):
+        DiffusionModule.from_checkpoint(tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"diffpir_prior": _RunsCode(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refused to load"):
+        DiffusionModule.from_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    other = dict(ckpt, diffpir_prior={**ckpt["diffpir_prior"], "unet": {**module.net.config, "model_channels": 16}})
+    torch.save(other, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="do not fit the network the checkpoint describes"):
+        DiffusionModule.from_checkpoint(tmp_path / "other.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not a diffpir training checkpoint"):
+        DiffusionModule.from_checkpoint(tmp_path / "plain.ckpt")
+
+
 def test_validation_metrics_are_logged_and_reproducible(images: Path):
     module = DiffusionModule(tiny_net(), ema_decay=0.9, val_sigmas=(15, 25, 50))
     dm = _dm(images, val_fraction=0.34, batch_size=2)
