@@ -173,6 +173,13 @@ def test_ema_warmup_decay_update_and_state():
     restored.load_state_dict(ema.state_dict())
     assert restored.count == 201 and torch.equal(restored.module.weight, ema.module.weight)
     assert not any(p.requires_grad for p in ema.parameters())
+    # a checkpoint of the former layout (the update count under "num_updates") continues the same average
+    old = {("num_updates" if k == "n_averaged" else k): v for k, v in ema.state_dict().items()}
+    old["num_updates"] = old["num_updates"] - 1
+    again = EMA(torch.nn.Linear(3, 2), decay=0.9)
+    again.load_state_dict(old)
+    assert again.count == 201 and int(again.n_averaged) == 202
+    assert again.update(net) == ema.update(net) == 0.9 and torch.equal(again.module.weight, ema.module.weight)
     assert EMA(net, decay=0.9, warmup=False).current_decay() == 0.9
 
 
@@ -271,7 +278,7 @@ def test_resume_continues_steps_optimizer_and_ema_exactly(images: Path, tmp_path
         trainer = quiet_trainer(max_steps=6)
         trainer.fit(resumed, _dm(images), ckpt_path=str(ckpt))
         assert trainer.global_step == 6 and int(resumed.ema.num_updates) == 6
-        assert int(saved["ema.num_updates"]) == step
+        assert int(saved["ema.n_averaged"]) == step + 1  # the starting copy, then one update per step
         for name, a, b in [("net", straight.net, resumed.net), ("ema", straight.ema, resumed.ema)]:
             for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
                 assert torch.equal(va, vb), f"resumed from step {step}: {name}.{k} differs"
