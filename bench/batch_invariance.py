@@ -27,7 +27,8 @@ import torch
 from diffpir import NoiseSchedule
 from diffpir.methods import METHODS, build_method, ffdnet_available
 from diffpir.models import build_unet
-from diffpir.prior import Prior, load_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import load_prior
 from diffpir.restoration.tasks import Degradation, build_operator, degrade, synthesize_params
 
 TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise")

@@ -53,7 +53,7 @@ from diffpir.methods.blind import align_images, kernel_ncc  # noqa: E402
 from diffpir.metrics import psnr, ssim  # noqa: E402
 from diffpir.operators import BlindBlur, Blur  # noqa: E402
 from diffpir.prepare import EVAL_SOURCES, NATURAL_VAL  # noqa: E402
-from diffpir.prior import load_prior  # noqa: E402
+from diffpir.priorfile import load_prior  # noqa: E402
 from diffpir.restoration.tasks import Degradation, degrade, image_generator, synthesize_params  # noqa: E402
 
 CONFIG = ROOT / "configs" / "restore" / "deblur_blind.yaml"

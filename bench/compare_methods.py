@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return merge(args.merge, args.out, args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from diffpir.prior import load_prior
+    from diffpir.priorfile import load_prior
 
     device = torch.device(args.device)
     prior = load_prior(args.prior).to(device)

@@ -102,7 +102,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from diffpir.models import build_unet
-    from diffpir.prior import Prior, load_prior
+    from diffpir.prior import Prior
+    from diffpir.priorfile import load_prior
     from diffpir.restoration import RestorationDataModule, RestorationModule, RestorationWriter
     from diffpir.schedule import NoiseSchedule
 

@@ -20,7 +20,7 @@ import torch
 
 from diffpir.io import list_image_files, read_image
 from diffpir.metrics import psnr
-from diffpir.prior import load_prior
+from diffpir.priorfile import load_prior
 
 SIGMAS = (15, 25, 50)
 

@@ -19,8 +19,8 @@ _LAZY = {
     "operators": ("diffpir.operators", None),
     "models": ("diffpir.models", None),
     "Prior": ("diffpir.prior", "Prior"),
-    "load_prior": ("diffpir.prior", "load_prior"),
-    "export_prior": ("diffpir.prior", "export_prior"),
+    "load_prior": ("diffpir.priorfile", "load_prior"),
+    "export_prior": ("diffpir.priorfile", "export_prior"),
 }
 
 

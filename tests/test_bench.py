@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ from diffpir.methods.blind import (
 )
 from diffpir.models import build_unet
 from diffpir.operators import BlindBlur, Blur, motion_kernel
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration.tasks import Degradation, build_operator, degrade, image_generator, synthesize_params
 from diffpir.schedule import NoiseSchedule
 

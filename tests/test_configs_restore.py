@@ -11,7 +11,8 @@ import torch
 
 from diffpir.cli.restore import build_cli, main
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import RestorationDataModule, RestorationModule, RestorationWriter, TrajectoryLogger
 from diffpir.schedule import NoiseSchedule
 

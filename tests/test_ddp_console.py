@@ -170,7 +170,8 @@ def test_sigterm_stops_ddp_processes_blocked_in_a_collective(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_prior(tmp_path_factory) -> Path:
     from diffpir.models import build_unet
-    from diffpir.prior import Prior, export_prior
+    from diffpir.prior import Prior
+    from diffpir.priorfile import export_prior
     from diffpir.schedule import NoiseSchedule
 
     torch.manual_seed(0)

@@ -20,7 +20,8 @@ import yaml
 from diffpir.io import read_image
 from diffpir.metrics import psnr
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule
 from diffpir.schedule import NoiseSchedule
 

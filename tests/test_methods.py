@@ -37,7 +37,8 @@ from diffpir.methods.classical import _sure_std
 from diffpir.methods.ddnm import range_null_projection
 from diffpir.models import build_unet
 from diffpir.operators import Bicubic, Blur, Denoise, Downsample, Inpaint, box_mask, gaussian_kernel, random_mask
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.restoration.tasks import build_operator, degrade, synthesize_params
 

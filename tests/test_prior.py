@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffpir.prior as prior_mod
+import diffpir.priorfile as prior_mod
 from diffpir import NoiseSchedule
 from diffpir.checkpoints import atomic_save, safe_torch_load
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior, load_prior, schedule_from_dict, schedule_to_dict
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior, load_prior, schedule_from_dict, schedule_to_dict
 
 FIXTURES = Path("/work/shared/fixtures")
 if not FIXTURES.is_dir():

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior, load_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import DiffusionModule
 from diffpir.training.module import loss_weights, sample_timesteps

@@ -28,7 +28,8 @@ from diffpir.cli.restore import main
 from diffpir.io import ImageTooLargeError, read_image, remove_temp_files
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
 

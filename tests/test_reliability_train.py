@@ -240,7 +240,7 @@ def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch, 
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():  # the network and its EMA (ema.* entries, with its update count)
         assert torch.equal(v, b["state_dict"][k]), k
-    assert int(a["state_dict"]["ema.num_updates"]) == target
+    assert int(a["state_dict"]["ema.n_averaged"]) == target + 1  # the starting copy, then one update per step
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert opt_a.keys() == opt_b.keys()
     for p in opt_a:

@@ -19,7 +19,8 @@ from PIL import Image
 
 from diffpir.io import read_image, safe_output_name, to_uint8, write_png_atomic
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import (
     TASKS,
     Degradation,

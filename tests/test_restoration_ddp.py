@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from diffpir.models import build_unet
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.schedule import NoiseSchedule
 
 N_IMAGES = 5  # odd: the ranks get 3 and 2 images

@@ -40,7 +40,8 @@ from diffpir.cli.restore import main as restore_main
 from diffpir.cli.train import human_size
 from diffpir.io import read_image, safe_output_name
 from diffpir.models import build_unet
-from diffpir.prior import BUNDLED_DIR, METADATA_KEY, Prior, export_prior, load_prior, prior_payload
+from diffpir.prior import Prior
+from diffpir.priorfile import BUNDLED_DIR, METADATA_KEY, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
 
@@ -438,7 +439,7 @@ def test_hostile_priors_in_a_memory_capped_process(tiny_net, tmp_path):
         """
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-        from diffpir.prior import load_prior
+        from diffpir.priorfile import load_prior
         for f in sys.argv[1:]:
             try:
                 load_prior(f)
@@ -459,7 +460,7 @@ def test_fifo_device_and_folder_priors_are_refused_without_opening(tmp_path):
     fifo = tmp_path / "prior.safetensors"
     os.mkfifo(fifo)
     cases = [(fifo, "is a FIFO"), (tmp_path, "is a folder"), (Path("/dev/zero"), "not a regular file")]
-    code = "from diffpir.prior import load_prior\nimport sys\ntry:\n    load_prior(sys.argv[1])\n"
+    code = "from diffpir.priorfile import load_prior\nimport sys\ntry:\n    load_prior(sys.argv[1])\n"
     code += "except ValueError as e:\n    print(e)\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for path, says in cases:  # in a child with a timeout: opening the FIFO would block for ever

@@ -14,7 +14,8 @@ from torchvision.io import write_png
 
 from diffpir.cli.train import main as cli_main
 from diffpir.models import build_unet
-from diffpir.prior import export_prior, load_prior
+from diffpir.prior import eps_denoise
+from diffpir.priorfile import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import (
     EMA,
@@ -25,7 +26,6 @@ from diffpir.training import (
     SampleGridCallback,
     ddim_sample,
     list_images,
-    one_step_denoise,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -173,6 +173,13 @@ def test_ema_warmup_decay_update_and_state():
     restored.load_state_dict(ema.state_dict())
     assert restored.count == 201 and torch.equal(restored.module.weight, ema.module.weight)
     assert not any(p.requires_grad for p in ema.parameters())
+    # a checkpoint of the former layout (the update count under "num_updates") continues the same average
+    old = {("num_updates" if k == "n_averaged" else k): v for k, v in ema.state_dict().items()}
+    old["num_updates"] = old["num_updates"] - 1
+    again = EMA(torch.nn.Linear(3, 2), decay=0.9)
+    again.load_state_dict(old)
+    assert again.count == 201 and int(again.n_averaged) == 202
+    assert again.update(net) == ema.update(net) == 0.9 and torch.equal(again.module.weight, ema.module.weight)
     assert EMA(net, decay=0.9, warmup=False).current_decay() == 0.9
 
 
@@ -205,14 +212,24 @@ def test_stratified_validation_timesteps_cover_all_buckets():
     assert buckets[0] == 3
 
 
-def test_one_step_denoise_is_exact_for_the_oracle_eps():
+@pytest.mark.parametrize("t", [0, 300, 999])
+def test_eps_denoise_is_exact_for_the_oracle_eps(t):
+    """D(x, sigma) of the true eps is x0 for any sigma; the net is asked at the timestep of sigma with the
+    unit-variance input x / sqrt(1 + sigma^2) (= x_t when sigma = sigma_bar_t); only the first C channels count."""
     sched = NoiseSchedule.linear()
-    t = 300
     sigma = float(sched.sigma_bar[t])
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     n = torch.randn(2, 3, 8, 8)
-    oracle = lambda x_t, tt: n  # noqa: E731 - the true eps of x_t = sqrt(ab) (x0 + sigma n)
-    torch.testing.assert_close(one_step_denoise(oracle, sched, x0 + sigma * n, sigma), x0, atol=1e-5, rtol=0)
+    seen = {}
+
+    def oracle(x_in, tt):  # a learn_sigma layout: eps, then variance channels that must be ignored
+        seen.update(x=x_in, t=tt)
+        return torch.cat([n, torch.full_like(n, 1e3)], 1)
+
+    x = x0 + sigma * n
+    torch.testing.assert_close(eps_denoise(oracle, sched, x, sigma), x0, atol=1e-6 * (1 + sigma), rtol=0)
+    assert seen["t"].tolist() == [t, t]
+    torch.testing.assert_close(seen["x"], sched.extract("sqrt_alphas_cumprod", seen["t"], x) * x, atol=1e-6, rtol=1e-5)
 
 
 def test_hparams_are_primitive():
@@ -261,7 +278,7 @@ def test_resume_continues_steps_optimizer_and_ema_exactly(images: Path, tmp_path
         trainer = quiet_trainer(max_steps=6)
         trainer.fit(resumed, _dm(images), ckpt_path=str(ckpt))
         assert trainer.global_step == 6 and int(resumed.ema.num_updates) == 6
-        assert int(saved["ema.num_updates"]) == step
+        assert int(saved["ema.n_averaged"]) == step + 1  # the starting copy, then one update per step
         for name, a, b in [("net", straight.net, resumed.net), ("ema", straight.ema, resumed.ema)]:
             for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
                 assert torch.equal(va, vb), f"resumed from step {step}: {name}.{k} differs"
@@ -285,6 +302,56 @@ def test_checkpoint_carries_the_prior_and_loads_weights_only(images: Path, tmp_p
     assert torch.equal(prior.net.out[2].weight, module.ema.module.out[2].weight)
     rebuilt = DiffusionModule.from_checkpoint(str(path))
     assert torch.equal(rebuilt.ema.module.out[2].weight, module.ema.module.out[2].weight)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.mkdir, (self.marker,))
+
+
+def test_from_checkpoint_loads_through_lightning_with_the_guards(tmp_path: Path, monkeypatch):
+    """Lightning's load_from_checkpoint (weights_only) behind the guards: overrides apply, the file's
+    hyper-parameters cannot pick an instantiator, and URLs, folders, code and other architectures are refused."""
+    import lightning
+
+    module = DiffusionModule(tiny_net(), ema_decay=0.9, val_sigmas=(25.0,))
+    with torch.no_grad():
+        module.ema.module.out[2].weight.add_(1.0)  # the EMA copy differs from the net
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    ckpt["pytorch-lightning_version"] = lightning.__version__
+    module.on_save_checkpoint(ckpt)
+    ckpt["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"  # allow-listed by Lightning
+    path = tmp_path / "m.ckpt"
+    torch.save(ckpt, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint chose how the module is built")
+
+    monkeypatch.setattr("lightning.pytorch.cli.instantiate_module", refuse)
+    rebuilt = DiffusionModule.from_checkpoint(path, val_sigmas=(15.0,))
+    assert type(rebuilt) is DiffusionModule and rebuilt.val_sigmas == [15.0] and rebuilt.hparams.ema_decay == 0.9
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in rebuilt.state_dict().items())
+    assert rebuilt.net.config == module.net.config
+
+    with pytest.raises(ValueError, match="is a URL"):
+        DiffusionModule.from_checkpoint("https://example.com/m.ckpt")
+    with pytest.raises(ValueError, match="is a folder"):
+        DiffusionModule.from_checkpoint(tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"diffpir_prior": _RunsCode(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refused to load"):
+        DiffusionModule.from_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    other = dict(ckpt, diffpir_prior={**ckpt["diffpir_prior"], "unet": {**module.net.config, "model_channels": 16}})
+    torch.save(other, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="do not fit the network the checkpoint describes"):
+        DiffusionModule.from_checkpoint(tmp_path / "other.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not a diffpir training checkpoint"):
+        DiffusionModule.from_checkpoint(tmp_path / "plain.ckpt")
 
 
 def test_validation_metrics_are_logged_and_reproducible(images: Path):

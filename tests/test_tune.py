@@ -20,7 +20,8 @@ from diffpir.cli.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, run, tune
 from diffpir.metrics import psnr
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, image_generator
 from diffpir.restoration.data import RestorationBatch
 

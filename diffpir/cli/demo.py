@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from diffpir.cli.common import quiet_console
-    from diffpir.prior import load_prior
+    from diffpir.priorfile import load_prior
 
     quiet_console()  # no litlogger tip, GPU/TPU banners or LeafSpec deprecation between the tasks
 

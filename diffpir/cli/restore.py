@@ -13,7 +13,7 @@ Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``
 The full config is saved as ``<writer.output_dir>/config.yaml``.
 
 Restoration never loads a Lightning checkpoint: ``predict`` has no ``--ckpt_path`` or ``--weights_only`` (the prior
-comes from ``--model.prior``, read by :func:`diffpir.prior.load_prior`), and the trainer's checkpoint loader is
+comes from ``--model.prior``, read by :func:`diffpir.priorfile.load_prior`), and the trainer's checkpoint loader is
 guarded anyway (:func:`diffpir.checkpoints.guard_checkpoint_loading`).
 
 Errors and exit status: a wrong option or config key is reported by jsonargparse (the key named, usage shown,

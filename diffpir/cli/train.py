@@ -13,12 +13,11 @@ Checkpoints are loaded from local files only and never in a way that runs code, 
 ``ckpt_path`` must be ``last``, ``best``, ``hpc`` or a local regular file (URLs, ``file://`` and FIFOs are refused
 before anything is built), ``weights_only: false`` is refused, and the trainer loads every checkpoint with
 ``torch.load(weights_only=True)`` (:mod:`diffpir.checkpoints`). ``export`` and ``--model.init_from`` read through
-:func:`diffpir.prior.load_prior`, which holds to the same rules.
+:func:`diffpir.priorfile.load_prior`, which holds to the same rules.
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 import zipfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
@@ -167,21 +167,23 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> 
 
 
 def export(ckpt: str, out: str, fp16: bool = False) -> Path:
-    """Write the EMA weights of a training checkpoint (or any prior :func:`diffpir.prior.load_prior` reads) as
+    """Write the EMA weights of a training checkpoint (or any prior :func:`diffpir.priorfile.load_prior` reads) as
     a safetensors prior file; returns its path."""
-    from diffpir.prior import export_prior, load_prior
+    from diffpir.priorfile import export_prior, load_prior
 
     prior = load_prior(ckpt)
     return export_prior(prior, None, out, dtype=torch.float16 if fp16 else None)
 
 
 def export_main(argv: Sequence[str]) -> Path:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="diffpir-train export",
         description="Export the EMA weights of a training checkpoint as a prior file (safetensors).",
     )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by diffpir-train fit")
-    parser.add_argument("--out", required=True, help="output path, e.g. priors/natural.safetensors")
+    parser.add_argument(
+        "--ckpt", type=str, required=True, help="Lightning checkpoint (.ckpt) written by diffpir-train fit"
+    )
+    parser.add_argument("--out", type=str, required=True, help="output path, e.g. priors/natural.safetensors")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     ns = parser.parse_args(list(argv))
     path = export(ns.ckpt, ns.out, ns.fp16)

@@ -244,7 +244,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     args = _parser().parse_args(None if argv is None else list(argv))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from diffpir.prior import load_prior
+    from diffpir.priorfile import load_prior
 
     config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
     for assignment in args.set:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from diffpir.methods import METHODS, DiffPIRMethod, Method, build_method, method_parameters
-from diffpir.prior import Prior, load_prior
+from diffpir.prior import Prior
+from diffpir.priorfile import load_prior
 from diffpir.restoration.data import RestorationBatch
 from diffpir.restoration.tasks import image_generator
 from diffpir.sampler import DataOperator, DiffPIR, StepState

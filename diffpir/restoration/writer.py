@@ -265,7 +265,7 @@ def _prior_digest(prior: Any) -> str | None:
     """SHA-256 of the prior file a ``model.prior`` string names (None for a Prior object)."""
     if not isinstance(prior, str) or prior.startswith("<"):
         return None
-    from diffpir.prior import _resolve
+    from diffpir.priorfile import _resolve
 
     try:
         path = _resolve(prior)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffpir.training.callbacks import ProgressLogCallback, SampleGridCallback, ddim_sample
 from diffpir.training.data import EpochSampler, ImageCropDataset, ImageFolderDataModule, list_images
 from diffpir.training.ema import EMA
-from diffpir.training.module import DiffusionModule, one_step_denoise
+from diffpir.training.module import DiffusionModule
 
 __all__ = [
     "EMA",
@@ -17,5 +17,4 @@ __all__ = [
     "SampleGridCallback",
     "ddim_sample",
     "list_images",
-    "one_step_denoise",
 ]

@@ -131,7 +131,7 @@ class SampleGridCallback(Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 images = ddim_sample(
-                    getattr(pl_module, "eval_prior", pl_module.eval_net),
+                    pl_module.eval_prior,
                     pl_module.schedule,
                     shape,
                     self.steps,

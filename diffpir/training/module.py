@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -14,13 +13,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffpir.checkpoints import safe_torch_load
+from diffpir.models import PRESETS, UNet, build_unet
+from diffpir.prior import Prior, eps_denoise
+from diffpir.priorfile import check_unet_config, load_prior, prior_payload
 from diffpir.schedule import NoiseSchedule
 from diffpir.seeding import mix_seed
 from diffpir.training.ema import EMA
 
 log = logging.getLogger(__name__)
-
-PRIOR_FORMAT = 1
 
 
 class LinearWarmup:
@@ -33,43 +33,10 @@ class LinearWarmup:
         return 1.0 if self.steps <= 0 else min(1.0, (step + 1) / self.steps)
 
 
-def one_step_denoise(net: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedule, x: Tensor, sigma: float):
-    """Denoise ``x = x0 + sigma * n`` (both on the [-1, 1] scale) with one call of an eps-network.
-
-    1. ``t`` = the timestep whose ``sigma_bar_t`` is nearest to ``sigma``;
-    2. ``x_t = sqrt(alpha_bar_t) * x`` (then ``x_t`` is distributed as the forward process at ``t``);
-    3. ``x0 = (x_t - sqrt(1 - alpha_bar_t) * eps(x_t, t)) / sqrt(alpha_bar_t)`` (first C output channels).
-
-    Returns the x0 estimate on the [-1, 1] scale, not clipped.
-    """
-    n, c = x.shape[:2]
-    t = torch.full((n,), int(schedule.timestep_for_sigma(float(sigma))), dtype=torch.long, device=x.device)
-    x_t = schedule.extract("sqrt_alphas_cumprod", t, x) * x
-    eps = net(x_t, t)[:, :c].to(x.dtype)
-    return schedule.x0_from_eps(x_t, t, eps)
-
-
-def _prior_denoiser(
-    net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps"
-) -> Callable[[Tensor, float], Tensor]:
-    """``Prior(net, schedule).denoise`` for nets with the UNet attributes Prior reads, else
-    :func:`one_step_denoise` (eps-nets only)."""
-    from diffpir.prior import Prior
-
-    try:
-        return Prior(net, schedule, prediction=prediction).denoise
-    except AttributeError:  # a net without the UNet attributes Prior reads
-        if prediction != "eps":
-            raise
-        return lambda x, sigma: one_step_denoise(net, schedule, x, sigma)
-
-
 def _preset_of(config: dict[str, Any] | None) -> str | None:
     """The name of the UNet preset whose config is ``config`` (None when none is)."""
     if not config:
         return None
-    from diffpir.models.presets import PRESETS, build_unet
-
     for name in PRESETS:
         try:
             with torch.device("meta"):  # the full config (defaults filled in), without memory or init time
@@ -146,7 +113,7 @@ class DiffusionModule(LightningModule):
     - ``val/loss``: the same loss, with ``t`` stratified over ``val_buckets`` equal buckets, and
       ``val/loss_t{lo}-{hi}`` per bucket (``hi`` inclusive);
     - ``val/psnr_sigma{s}``: PSNR (dB, images in [0, 1] = 0-255 PSNR) of the one-step denoiser at noise std
-      ``s`` on the 0-255 scale, ``x0 = D(x + s/255 n)`` (see :func:`one_step_denoise`).
+      ``s`` on the 0-255 scale, ``x0 = D(x + s/255 n)`` (:func:`~diffpir.prior.eps_denoise` of the EMA prior).
 
     Args:
         net: the eps-network, ``net(x [N, C, H, W] in [-1, 1], t [N] int64) -> [N, C or 2C, H, W]``; with a
@@ -160,7 +127,7 @@ class DiffusionModule(LightningModule):
         num_timesteps, beta_start, beta_end: the linear DDPM schedule.
         seed: seed of the training noise and of the validation noise.
         compile: ``torch.compile`` the network's training forward (CUDA only; ignored on CPU).
-        init_from: a prior to start from (any path or name :func:`diffpir.prior.load_prior` accepts, e.g. an
+        init_from: a prior to start from (any path or name :func:`diffpir.priorfile.load_prior` accepts, e.g. an
             official guided-diffusion ``.pt`` with ``init_preset``); loaded at the start of ``fit`` unless the fit
             resumes from a checkpoint.
         init_preset: the UNet preset of ``init_from`` when the file does not say (official ``.pt`` files).
@@ -240,8 +207,6 @@ class DiffusionModule(LightningModule):
     def eval_prior(self) -> nn.Module:
         """The eval weights as an eps-model (:class:`~diffpir.prior.Prior`; converts v-predictions), for
         samples and validation."""
-        from diffpir.prior import Prior
-
         prediction = self.hparams.get("prediction", "eps")
         try:
             return Prior(self.eval_net, self.schedule, prediction=prediction)
@@ -250,23 +215,12 @@ class DiffusionModule(LightningModule):
                 raise
             return self.eval_net
 
-    def prior_spec(self) -> dict[str, Any]:
-        """``{"format", "unet", "schedule"[, "prediction"]}`` of the contract (docs/CONTRACTS.md), no weights."""
-        config = getattr(self.net, "config", None)
-        hp = self.hparams
-        spec = {
-            "format": PRIOR_FORMAT,
-            "unet": dict(config) if config is not None else None,
-            "schedule": {
-                "kind": "linear",
-                "T": int(hp.num_timesteps),
-                "beta_start": float(hp.beta_start),
-                "beta_end": float(hp.beta_end),
-            },
-        }
-        if hp.get("prediction", "eps") != "eps":
-            spec["prediction"] = hp.prediction
-        return spec
+    def prior_spec(self) -> dict[str, Any] | None:
+        """``{"format", "unet", "schedule"[, "prediction"]}`` of the contract (docs/CONTRACTS.md), no weights
+        (:func:`~diffpir.priorfile.prior_payload`); None for a network without a UNet ``config``."""
+        if getattr(self.net, "config", None) is None:
+            return None
+        return prior_payload(self.net, self.schedule, self.hparams.get("prediction", "eps"))
 
     def _forward_train(self, x: Tensor, t: Tensor) -> Tensor:
         return (self._compiled or self.net)(x, t)
@@ -387,10 +341,8 @@ class DiffusionModule(LightningModule):
 
     @torch.no_grad()
     def load_init_weights(self, source: str, preset: str | None = None) -> None:
-        """Load the weights of a prior (path or name, see :func:`diffpir.prior.load_prior`) into the net (and
+        """Load the weights of a prior (path or name, see :func:`diffpir.priorfile.load_prior`) into the net (and
         restart the EMA there). The prior's UNet must have the same architecture as ``net``."""
-        from diffpir.prior import load_prior
-
         prior = load_prior(source, preset=preset, map_location="cpu")
         src = getattr(prior, "net", prior)
         state = src.state_dict()
@@ -427,12 +379,12 @@ class DiffusionModule(LightningModule):
             sel = (bucket == b).float()
             count = sel.sum()
             metric.update((out["per_image"] * sel).sum() / count.clamp_min(1.0), count)
-        denoise = _prior_denoiser(self.eval_net, self.schedule, self.hparams.get("prediction", "eps"))
+        eps_model = self.eval_prior
         for i, (sigma, metric) in enumerate(zip(self.val_sigmas, self.val_psnr)):
             g = torch.Generator().manual_seed(mix_seed(self.hparams.seed, 11, i, batch_idx))
             noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
             noisy = (x + sigma / 255.0 * noise) * 2.0 - 1.0  # x + sigma n on [0, 1] -> [-1, 1], std 2 sigma
-            x0 = (denoise(noisy, 2.0 * sigma / 255.0).float().clamp(-1, 1) + 1.0) / 2.0
+            x0 = (eps_denoise(eps_model, self.schedule, noisy, 2.0 * sigma / 255.0).float().clamp(-1, 1) + 1.0) / 2.0
             mse = (x0 - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             metric.update(-10.0 * torch.log10(mse))
 
@@ -451,27 +403,43 @@ class DiffusionModule(LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add ``checkpoint["diffpir_prior"]`` (docs/CONTRACTS.md): spec + EMA (else raw) weights on the CPU."""
-        spec = self.prior_spec()
-        if spec["unet"] is None:
+        """Add ``checkpoint["diffpir_prior"]`` (docs/CONTRACTS.md): the prior description and the EMA (else raw)
+        weights on the CPU, written by :func:`~diffpir.priorfile.prior_payload` as exported files are."""
+        if getattr(self.net, "config", None) is None:
             return  # a network without a config cannot be rebuilt from the file
-        spec["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.eval_net.state_dict().items()}
-        checkpoint["diffpir_prior"] = spec
+        prediction = self.hparams.get("prediction", "eps")
+        state = self.eval_net.state_dict()
+        checkpoint["diffpir_prior"] = prior_payload(self.net, self.schedule, prediction, state_dict=state)
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any):
-        """Rebuild a module from a Lightning checkpoint of this class (network from ``diffpir_prior["unet"]``)."""
-        from diffpir.models import UNet
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> DiffusionModule:
+        """Rebuild a module from a training checkpoint of this class: Lightning's :meth:`load_from_checkpoint`
+        (``weights_only=True``, strict), given the network it cannot build itself (``net`` is not a
+        hyper-parameter): the UNet of the file's ``"diffpir_prior"`` entry, its config bounded as a prior file's.
 
-        ckpt = safe_torch_load(path, map_location=map_location)  # local regular file, weights_only=True
-        if not isinstance(ckpt, dict) or "diffpir_prior" not in ckpt:
+        The guards Lightning's path lacks come first: the file is read by
+        :func:`~diffpir.checkpoints.safe_torch_load` (local regular files only, URLs, FIFOs and folders refused
+        before anything is opened; a file carrying code is refused with a one-line error, nothing run), and the
+        file's hyper-parameters cannot name a class to build (Lightning's ``_instantiator`` is switched off).
+
+        :param overrides: hyper-parameters replacing the checkpoint's (e.g. ``val_sigmas``).
+        :raises ValueError: not a diffpir training checkpoint, or weights that do not fit the UNet it describes.
+        """
+        ckpt = safe_torch_load(path, map_location=map_location)
+        entry = ckpt.get("diffpir_prior") if isinstance(ckpt, Mapping) else None
+        if not isinstance(entry, Mapping):
             raise ValueError(f"{path} has no 'diffpir_prior' entry: not a diffpir training checkpoint")
-        names = set(inspect.signature(cls.__init__).parameters) - {"self", "net"}
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in names}
-        hparams.update(overrides)
-        model = cls(net=UNet(**ckpt["diffpir_prior"]["unet"]), **hparams)
-        model.load_state_dict(ckpt["state_dict"])
-        return model
+        try:
+            net = UNet(**check_unet_config(entry.get("unet")))
+        except ValueError as err:
+            raise ValueError(f"{path}: malformed 'diffpir_prior' entry: {err}") from None
+        del ckpt, entry
+        overrides = {**overrides, "net": net, "_instantiator": None}
+        try:
+            return cls.load_from_checkpoint(path, map_location, strict=True, weights_only=True, **overrides)
+        except RuntimeError as err:  # load_state_dict: the weights do not fit
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"{path}: the weights do not fit the network the checkpoint describes ({first})") from None
 
 
 def loss_bucket_names(num_timesteps: int = 1000, buckets: int = 10) -> list[str]:
@@ -485,6 +453,5 @@ __all__ = [
     "LinearWarmup",
     "loss_bucket_names",
     "loss_weights",
-    "one_step_denoise",
     "sample_timesteps",
 ]
