@@ -143,24 +143,10 @@ class Downsample(KernelOperator):
         h, w = u.shape[-2:]
         return torch.fft.irfft2(self.otf(h, w, u).conj() * torch.fft.rfft2(u), s=(h, w)).to(y.dtype)
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """The USRNet closed form (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``."""
-        self._check_image(z, "z")
-        n, c, hh, ww = z.shape
-        s = self.scale
-        h, w = hh // s, ww // s
-        zf = z.to(work_dtype(z))
-        r = rho_view(rho, zf)
-        k = self.otf(hh, ww, zf, full=True)  # [Nk, 1, H, W] complex
-        d = k.conj() * torch.fft.fft2(self._upsample_zero(y.to(zf.dtype))) + r * torch.fft.fft2(zf)
-        kd = (k * d).view(n, c, s, h, s, w).mean(dim=(2, 4))
-        k2 = k.abs().square().view(k.shape[0], 1, s, h, s, w).mean(dim=(2, 4))
-        q = (kd / (k2 + r)).repeat(1, 1, s, s)
-        x = torch.fft.ifft2((d - k.conj() * q) / r).real
-        return x.to(z.dtype)
-
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """:meth:`prox` for a fixed ``y``, with ``conj(K) F(up(y))`` and the block means of ``|K|^2`` computed once."""
+        """The USRNet closed form (class docstring) for ``y`` ``[N, C, H/s, W/s]``: ``z, rho -> x``, ``z`` and ``x``
+        ``[N, C, H, W]``; ``conj(K) F(S^T y)`` and the block means of ``|K|^2`` are computed here, once."""
+        check_measurement(y, "y")
         self._check_shape(y)
         n, c, h, w = y.shape
         s = self.scale
@@ -242,8 +228,8 @@ class Bicubic(Operator):
     W]`` (see :func:`imresize_matrix`; cached per size, device and dtype).
 
     ``prox(z, y, rho) = argmin_x ||y - W_h x W_w^T||^2 + rho ||x - z||^2``, solved exactly: with the float64
-    eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached) and
-    ``R = W_h^T y W_w + rho z``, ``x = U_h [(U_h^T R U_w) / (D_h D_w^T + rho)] U_w^T``.
+    eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached),
+    ``x = U_h [(U_h^T W_h^T y W_w U_w + rho U_h^T z U_w) / (D_h D_w^T + rho)] U_w^T``.
 
     With ``data_step="kernel"`` the data step is instead the official code's: the closed form of
     :class:`Downsample` with :func:`bicubic_kernel` (circular blur then top-left decimation), which equals the
@@ -313,22 +299,10 @@ class Bicubic(Operator):
         s = self.scale
         return (self.matrix(y.shape[-2] * s, yf).T @ yf @ self.matrix(y.shape[-1] * s, yf)).to(y.dtype)
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """The exact eigen-solution (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``.
-        With ``data_step="kernel"``: :class:`Downsample`'s closed form with :func:`bicubic_kernel`."""
-        if self._kernel_op is not None:
-            return self._kernel_op.prox(z, y, rho)
-        self._check_image(z, "z")
-        zf = z.to(work_dtype(z))
-        r = rho_view(rho, zf)
-        rhs = self.adjoint(y.to(zf.dtype)) + r * zf
-        uh, dh = self._eig(z.shape[-2], zf)
-        uw, dw = self._eig(z.shape[-1], zf)
-        coef = (uh.T @ rhs @ uw) / (dh[:, None] * dw[None, :] + r)
-        return (uh @ coef @ uw.T).to(z.dtype)
-
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """:meth:`prox` for a fixed ``y``, with ``U_h^T A^T y U_w`` computed once: four small matmuls a call."""
+        """The exact eigen-solution (class docstring) for ``y`` ``[N, C, H/s, W/s]``: ``z, rho -> x``, ``z`` and
+        ``x`` ``[N, C, H, W]``; ``U_h^T W_h^T y W_w U_w`` is computed here, once: four small matmuls a call. With
+        ``data_step="kernel"``: :class:`Downsample`'s closed form with :func:`bicubic_kernel`."""
         if self._kernel_op is not None:
             return self._kernel_op.prox_fn(y)
         check_measurement(y, "y")
