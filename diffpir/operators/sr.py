@@ -72,7 +72,22 @@ def bicubic_kernel(scale: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.from_numpy(np.outer(k1, k1)).to(dtype)
 
 
-class Downsample(KernelOperator):
+class _Downscaling:
+    """What the two SR operators share: images ``s`` times the measurement's size (``x_shape``) and bicubic
+    upsampling as the first guess. The operator sets ``scale`` (``s``)."""
+
+    scale: int
+
+    def x_shape(self, y_shape: Shape) -> torch.Size:
+        n, c, h, w = y_shape
+        return torch.Size((n, c, h * self.scale, w * self.scale))
+
+    def initial_estimate(self, y: Tensor) -> Tensor:
+        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
+        return _upsample_bicubic(y, self.scale)
+
+
+class Downsample(_Downscaling, KernelOperator):
     """``y = (k * x) downsampled by s``: circular convolution, then the top-left sample of every ``s x s``
     block (``y[i, j] = (k * x)[s i, s j]``, as USRNet's ``downsample``).
 
@@ -96,10 +111,6 @@ class Downsample(KernelOperator):
     def __init__(self, scale: int, kernel: Tensor | np.ndarray | None = None, normalize: bool = True, **cg):
         super().__init__(torch.ones(1, 1) if kernel is None else kernel, normalize, **cg)
         self.scale = _check_scale(scale)
-
-    def x_shape(self, y_shape: Shape) -> torch.Size:
-        n, c, h, w = y_shape
-        return torch.Size((n, c, h * self.scale, w * self.scale))
 
     def _check_image(self, x: Tensor, name: str) -> None:
         check_measurement(x, name)
@@ -166,10 +177,6 @@ class Downsample(KernelOperator):
 
         return prox
 
-    def initial_estimate(self, y: Tensor) -> Tensor:
-        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
-        return _upsample_bicubic(y, self.scale)
-
     def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
         """The official start (``main_ddpir_sisr.py`` with ``classical_degradation``): the unclamped bicubic
         upsampling shifted onto the top-left sampling grid (``shift_pixel``), taken as clean."""
@@ -222,7 +229,7 @@ def imresize_matrix(in_length: int, scale: float, antialias: bool = True) -> Ten
     return torch.from_numpy(mat)
 
 
-class Bicubic(Operator):
+class Bicubic(_Downscaling, Operator):
     """``y = imresize(x, 1/s, 'bicubic')`` as MATLAB computes it (antialiased cubic, ``a = -0.5``, symmetric
     borders), written as separable matrices: ``y = W_h x W_w^T`` with ``W_h`` ``[H/s, H]``, ``W_w`` ``[W/s,
     W]`` (see :func:`imresize_matrix`; cached per size, device and dtype).
@@ -255,10 +262,6 @@ class Bicubic(Operator):
     def _apply(self, fn, recurse=True):
         self._mat_cache, self._eig_cache = {}, {}
         return super()._apply(fn, recurse)
-
-    def x_shape(self, y_shape: Shape) -> torch.Size:
-        n, c, h, w = y_shape
-        return torch.Size((n, c, h * self.scale, w * self.scale))
 
     def matrix(self, length: int, like: Tensor) -> Tensor:
         """The cached ``[length / s, length]`` resizing matrix on ``like``'s device, in the work dtype."""
@@ -321,10 +324,6 @@ class Bicubic(Operator):
             return (uh @ coef @ uw.T).to(z.dtype)
 
         return prox
-
-    def initial_estimate(self, y: Tensor) -> Tensor:
-        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
-        return _upsample_bicubic(y, self.scale)
 
     def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
         """The official start (``main_ddpir_sisr.py``): the unclamped bicubic upsampling (OpenCV's
