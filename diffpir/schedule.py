@@ -9,13 +9,38 @@ Conventions (those of guided-diffusion and the official DiffPIR code):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 Skip = Literal["quad", "uniform"]
+
+
+def respaced_timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly spread over ``[0, T - 1]`` (rounded; both ends included), decreasing: the
+    respacing of guided-diffusion's ``space_timesteps`` that DPS and DDNM run on."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must lie in [1, {T}], got {steps}")
+    if steps == 1:
+        return [T - 1]
+    return sorted({int(round(v)) for v in np.linspace(0, T - 1, steps)}, reverse=True)
+
+
+class RespacedStep(NamedTuple):
+    """Step ``index`` of a respaced chain: from timestep ``t`` to ``t_next`` (None on the last step), with
+    ``alpha_bar`` at both as floats (``ab_next = 1`` after the last step, the clean image)."""
+
+    index: int
+    t: int
+    t_next: int | None
+    ab: float
+    ab_next: float
+
+    @property
+    def last(self) -> bool:
+        return self.t_next is None
 
 
 class NoiseSchedule(nn.Module):
@@ -158,9 +183,20 @@ class NoiseSchedule(nn.Module):
                 dedup.append(t)
         return dedup
 
+    def respaced_steps(self, steps: int) -> list[RespacedStep]:
+        """The steps of the chain respaced to ``steps`` timesteps (:func:`respaced_timesteps`), with their
+        ``alpha_bar`` values: the respaced chain has ``beta_t = 1 - ab / ab_next`` (guided-diffusion's respacing)."""
+        ts = respaced_timesteps(self.T, steps)
+        ab = self._host["alphas_cumprod"]
+        nxt = [*ts[1:], None]
+        return [
+            RespacedStep(i, t, tn, float(ab[t]), 1.0 if tn is None else float(ab[tn]))
+            for i, (t, tn) in enumerate(zip(ts, nxt, strict=True))
+        ]
+
     def extra_repr(self) -> str:
         b = self._host["betas"]
         return f"T={self.T}, beta_start={b[0]:.3g}, beta_end={b[-1]:.3g}"
 
 
-__all__ = ["NoiseSchedule", "Skip"]
+__all__ = ["NoiseSchedule", "RespacedStep", "Skip", "respaced_timesteps"]

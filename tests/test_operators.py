@@ -15,6 +15,7 @@ from PIL import Image
 from diffpir.operators import (
     OPERATORS,
     Bicubic,
+    BlindBlur,
     Blur,
     Denoise,
     Downsample,
@@ -100,17 +101,55 @@ def test_prox_equals_dense_solve_and_cg(name, rho):
     assert torch.allclose(op.prox_cg(z, y, rho), expected, atol=1e-7)
 
 
+VARIANTS = {
+    **OPERATORS,
+    "bicubic_kernel": lambda **kw: Bicubic(2, data_step="kernel"),
+    "blind_blur": lambda **kw: BlindBlur(3, gaussian_kernel(3, 0.8)),
+}
+
+
+@pytest.mark.parametrize("dtype", [DT, torch.float32])
 @pytest.mark.parametrize("rho", RHOS)
-@pytest.mark.parametrize("name", list(OPERATORS))
-def test_prox_fn_equals_prox(name, rho):
-    """The sampler's cached form ``prox_fn(y)(z, rho)`` solves the same problem as ``prox(z, y, rho)``."""
-    op = build(name)
-    y, z = measure(op)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prox_is_prox_fn_to_the_bit(name, rho, dtype):
+    """Each operator writes its proximal step once, as ``prox_fn(y)``; ``prox(z, y, rho)`` is ``prox_fn(y)(z, rho)``
+    exactly, and one ``prox_fn(y)`` serves many ``z`` and ``rho``."""
+    h, w = 12, 16  # room for the 11x11 kernel of bicubic_kernel
+    op = VARIANTS[name](n=N, c=C, h=h, w=w, generator=0)
+    y, z = (t.to(dtype) for t in measure(op, h, w))
     rho = rho_value(rho)
     fn = op.prox_fn(y)
-    torch.testing.assert_close(fn(z, rho), op.prox(z, y, rho), atol=1e-10, rtol=1e-10)
-    z2 = rand(N, C, H, W, seed=9)
-    torch.testing.assert_close(fn(z2, rho), op.prox(z2, y, rho), atol=1e-10, rtol=1e-10)
+    z2 = rand(N, C, h, w, seed=9).to(dtype)
+    for zz in (z, z2, z):
+        out = fn(zz, rho)
+        assert out.dtype == dtype and out.shape == zz.shape
+        assert torch.equal(out, op.prox(zz, y, rho)), name
+    assert not torch.equal(fn(z, rho), fn(z2, rho))
+
+
+def test_an_operator_writes_its_prox_once():
+    """A subclass implements ``prox_fn`` and gets ``prox``; one that defines ``prox`` is refused at class creation
+    with a message saying what to write instead."""
+
+    class Scale(Operator):
+        def forward(self, x):
+            return 2 * x
+
+        def adjoint(self, y):
+            return 2 * y
+
+        def prox_fn(self, y):
+            return lambda z, rho: (2 * y + rho * z) / (4 + rho)
+
+    y, z = rand(N, C, H, W, seed=1), rand(N, C, H, W, seed=2)
+    assert torch.equal(Scale().prox(z, y, 0.5), (2 * y + 0.5 * z) / 4.5)
+    cg = Scale(cg_tol=1e-12).prox_cg(z, y, 0.5)
+    assert torch.allclose(Scale().prox(z, y, 0.5), cg, atol=1e-12)
+    with pytest.raises(TypeError, match=r"Twice defines prox\(z, y, rho\): implement prox_fn\(y\)"):
+
+        class Twice(Blur):
+            def prox(self, z, y, rho):
+                return z
 
 
 @pytest.mark.parametrize("rho", RHOS)

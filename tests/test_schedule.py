@@ -79,3 +79,25 @@ def test_timestep_for_sigma(sched):
     t = sched.timestep_for_sigma(torch.tensor([2 * 25 / 255, 1000.0])).tolist()
     assert abs(sb[t[0]].item() - 2 * 25 / 255) < (sb[t[0] + 1] - sb[t[0] - 1]).item()
     assert t[1] == 999
+
+
+def test_respaced_steps_walk_guided_diffusions_respaced_chain(sched):
+    from diffpir.methods import respaced_timesteps as from_methods
+    from diffpir.schedule import respaced_timesteps
+
+    assert from_methods is respaced_timesteps  # the one definition, still importable where users found it
+    assert respaced_timesteps(1000, 1) == [999]
+    assert respaced_timesteps(1000, 4) == [999, 666, 333, 0]
+    steps = sched.respaced_steps(4)
+    assert [s.t for s in steps] == [999, 666, 333, 0]
+    assert [s.t_next for s in steps] == [666, 333, 0, None]
+    assert [s.index for s in steps] == [0, 1, 2, 3] and [s.last for s in steps] == [False, False, False, True]
+    ab = sched.alphas_cumprod
+    assert [s.ab for s in steps] == [ab[t].item() for t in (999, 666, 333, 0)]
+    assert [s.ab_next for s in steps] == [ab[t].item() for t in (666, 333, 0)] + [1.0]
+    # the full chain is the original one: beta_t = 1 - ab_t / ab_{t-1}
+    full = sched.respaced_steps(1000)
+    assert len(full) == 1000
+    np.testing.assert_allclose([1 - s.ab / s.ab_next for s in full[:-1]], sched.betas.flip(0)[:-1], rtol=1e-9)
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 1000\], got 1001"):
+        sched.respaced_steps(1001)

@@ -398,7 +398,7 @@ class _LiveBlur(Blur):
 
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
         self._check_image(y, "y")
-        return lambda z, rho: self.prox(z, y, rho)
+        return lambda z, rho: Blur.prox_fn(self, y)(z, rho)
 
 
 class BlindDiffPIR(Method):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from diffpir.methods.base import Method, schedule_of
-from diffpir.methods.dps import respaced_timesteps
+from diffpir.methods.respaced import predict_x0
 from diffpir.sampler import DataOperator, GeneratorArg, StepState, randn
 
 __all__ = ["DDNM", "range_null_projection"]
@@ -121,27 +121,17 @@ class DDNM(Method):
 
     @torch.no_grad()
     def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
-        sched = schedule_of(prior, "DDNM")
-        ab = sched.host("alphas_cumprod")
-        ts = respaced_timesteps(sched.T, self.steps)
-        n = y.shape[0]
+        steps = schedule_of(prior, "DDNM").respaced_steps(self.steps)
         x_shape = op.x_shape(y.shape)
         project = range_null_projection(op, y)
         sigma_y = 2.0 * float(sigma_n)
 
         x = randn(x_shape, generator, y)
-        for i, t in enumerate(ts):
-            last = i == len(ts) - 1
-            ab_t = float(ab[t])
-            ab_next = 1.0 if last else float(ab[ts[i + 1]])
-            t_batch = torch.full((n,), t, device=y.device, dtype=torch.long)
+        for step in steps:
             # 1. x0|t from the network.
-            eps = prior(x, t_batch).to(x.dtype)
-            x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
-            if self.clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
+            eps, x0 = predict_x0(prior, x, step, self.clip_denoised)
             # 2. How much to trust y on this step (DDNM+), from the next step's scales a, s.
-            a, s = math.sqrt(ab_next), math.sqrt(1.0 - ab_next)
+            a, s = math.sqrt(step.ab_next), math.sqrt(1.0 - step.ab_next)
             lam, rho, gamma = self._rule(a, s, sigma_y)
             # 3. Range-null-space step on the [0, 1] scale: x0_hat = x0 - lam A^+ (A x0 - y).
             x0_hat = x0
@@ -149,8 +139,8 @@ class DDNM(Method):
                 u0 = (x0 + 1) / 2
                 x0_hat = x0 + lam * 2.0 * (project(u0, rho) - u0)
             if callback is not None:
-                callback(StepState(i, t, None if last else ts[i + 1], rho, x, x0, x0_hat))
-            if last:
+                callback(StepState(step.index, step.t, step.t_next, rho, x, x0, x0_hat))
+            if step.last:
                 x = x0_hat
                 break
             # 4. DDIM-style move to the next timestep (official code): a x0_hat + gamma (eta z + sqrt(1-eta^2) eps).

@@ -22,24 +22,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from diffpir.methods.base import Method, schedule_of
+from diffpir.methods.respaced import predict_x0
 from diffpir.sampler import DataOperator, GeneratorArg, StepState, randn
+from diffpir.schedule import respaced_timesteps
 
 __all__ = ["DPS", "respaced_timesteps"]
-
-
-def respaced_timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` timesteps evenly spread over ``[0, T - 1]`` (rounded; both ends included), decreasing."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must lie in [1, {T}], got {steps}")
-    if steps == 1:
-        return [T - 1]
-    ts = sorted({int(round(v)) for v in np.linspace(0, T - 1, steps)}, reverse=True)
-    return ts
 
 
 class DPS(Method):
@@ -82,28 +73,19 @@ class DPS(Method):
         }
 
     def restore(self, y: Tensor, op: DataOperator, prior: Any, sigma_n: float, generator: GeneratorArg, callback: Any):
-        sched = schedule_of(prior, "DPS")
-        ab = sched.host("alphas_cumprod")
-        ts = respaced_timesteps(sched.T, self.steps)
-        n = y.shape[0]
+        steps = schedule_of(prior, "DPS").respaced_steps(self.steps)
         x_shape = op.x_shape(y.shape)
         # Lightning's predict runs under inference mode, whose tensors refuse autograd: step out of it and
         # work on normal copies.
         with torch.inference_mode(False), torch.enable_grad():
             y = y.detach().clone()
             x = randn(x_shape, generator, y)
-            for i, t in enumerate(ts):
-                last = i == len(ts) - 1
-                ab_t = float(ab[t])
-                ab_prev = 1.0 if last else float(ab[ts[i + 1]])
+            for step in steps:
+                ab_t, ab_prev = step.ab, step.ab_next
                 beta = 1.0 - ab_t / ab_prev
                 x = x.detach().requires_grad_(True)
-                t_batch = torch.full((n,), t, device=y.device, dtype=torch.long)
                 # 1. Tweedie's x0_hat through the network (graph kept for the measurement gradient).
-                eps = prior(x, t_batch).to(x.dtype)
-                x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
-                if self.clip_denoised:
-                    x0 = x0.clamp(-1.0, 1.0)
+                _, x0 = predict_x0(prior, x, step, self.clip_denoised)
                 # 2. The measurement gradient: grad_x ||y - H(x0_hat(x))|| per image, residual on the [-1, 1] scale.
                 resid = 2.0 * (y - op.forward((x0 + 1) / 2))
                 norm = resid.flatten(1).norm(dim=1)
@@ -114,14 +96,12 @@ class DPS(Method):
                     coef_x0 = math.sqrt(ab_prev) * beta / (1 - ab_t)
                     coef_xt = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
                     x_prev = coef_x0 * x0d + coef_xt * x.detach()
-                    if not last:
+                    if not step.last:
                         var = beta * (1 - ab_prev) / (1 - ab_t) if self.variance == "small" else beta
                         x_prev = x_prev + math.sqrt(var) * randn(x_shape, generator, y)
                     # 4. Pull towards the measurement: x_prev -= scale * grad ||r||  (= zeta_t grad ||r||^2).
                     x_prev = x_prev - self.scale * grad
                 if callback is not None:
-                    callback(
-                        StepState(i, t, None if last else ts[i + 1], float("nan"), x.detach(), x0d, x_prev.detach())
-                    )
+                    callback(StepState(step.index, step.t, step.t_next, float("nan"), x.detach(), x0d, x_prev.detach()))
                 x = x_prev.detach()
         return ((x + 1) / 2).detach()

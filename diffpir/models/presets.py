@@ -55,6 +55,17 @@ _OURS = {
     "resblock_updown": False,
 }
 
+_SMALL = {
+    **_OURS,
+    "image_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "model_channels": 16,
+    "channel_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "norm_groups": 8,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "ffhq_10m": {
         **_GUIDED_DIFFUSION_256,
@@ -78,25 +89,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 1,
         "norm_groups": 2,
     },
-    "small": {
-        **_OURS,
-        "image_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "model_channels": 16,
-        "channel_mult": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 8,
-    },
+    "small": _SMALL,
     "small_attn": {
-        **_OURS,
-        "image_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "model_channels": 16,
-        "channel_mult": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 8,
+        **copy.deepcopy(_SMALL),
         "attention_resolutions": [8],
         "middle_attention": True,
         "num_head_channels": 16,

@@ -227,34 +227,33 @@ def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on a packed ``qkv`` [N, 3 H c, T] laid out per head as ``(heads, qkv, c)``.
+class _PackedAttention(nn.Module):
+    """Multi-head attention on a packed ``qkv`` [N, 3 H c, T], unpacked by the subclass's ``layout``. Output
+    [N, H c, T]: ``out[:, h c + i, t] = sum_s softmax_s(q_t . k_s / sqrt(c)) v[i, s]`` (q, k, v of head h)."""
 
-    guided-diffusion's default order (``use_new_attention_order=False``): ``qkv.reshape(N * H, 3 c, T)``
-    then split into q, k, v. Output [N, H c, T]:
-    ``out[:, h c + i, t] = sum_s softmax_s(q_t . k_s / sqrt(c)) v[i, s]`` (q, k, v of head h).
-    """
+    layout: str  # an einops pattern from the packed channels to (q|k|v, N, heads, T, c)
 
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
 
     def forward(self, qkv: Tensor) -> Tensor:
-        q, k, v = rearrange(qkv, "n (h three c) t -> three n h t c", h=self.n_heads, three=3)
+        q, k, v = rearrange(qkv, self.layout, h=self.n_heads, three=3)
         return rearrange(_attend(q, k, v), "n h t c -> n (h c) t")
 
 
-class QKVAttention(nn.Module):
-    """Multi-head attention on a packed ``qkv`` [N, 3 H c, T] laid out as ``(qkv, heads, c)`` (the "new"
-    order: ``qkv.chunk(3)`` first, then heads). Output [N, H c, T]."""
+class QKVAttentionLegacy(_PackedAttention):
+    """Attention on ``qkv`` laid out per head as ``(heads, qkv, c)``: guided-diffusion's default order
+    (``use_new_attention_order=False``), ``qkv.reshape(N * H, 3 c, T)`` then split into q, k, v."""
 
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
+    layout = "n (h three c) t -> three n h t c"
 
-    def forward(self, qkv: Tensor) -> Tensor:
-        q, k, v = rearrange(qkv, "n (three h c) t -> three n h t c", h=self.n_heads, three=3)
-        return rearrange(_attend(q, k, v), "n h t c -> n (h c) t")
+
+class QKVAttention(_PackedAttention):
+    """Attention on ``qkv`` laid out as ``(qkv, heads, c)`` (the "new" order: ``qkv.chunk(3)`` first, then
+    heads)."""
+
+    layout = "n (three h c) t -> three n h t c"
 
 
 class AttentionBlock(nn.Module):

@@ -1,9 +1,11 @@
 """Degradation operators ``y = H(x)`` with adjoints and closed-form proximal steps.
 
-Every operator is a :class:`Operator` (an ``nn.Module``): ``forward(x)``, ``adjoint(y)``, ``prox(z, y, rho)``
-``= argmin_x ||y - H x||^2 + rho ||x - z||^2``, ``x_shape(y_shape)``, ``check(y)`` and
-``initial_estimate(y)``, ``official_start(y)`` (the official scripts' start) and ``select(index)`` (one image's
-operator). Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a small example of each kind.
+Every operator is a :class:`Operator` (an ``nn.Module``): ``forward(x)``, ``adjoint(y)``,
+``prox_fn(y) -> (z, rho) -> argmin_x ||y - H x||^2 + rho ||x - z||^2`` (the y-only work done once; the one
+place an operator writes its proximal step), ``prox(z, y, rho) = prox_fn(y)(z, rho)``, ``x_shape(y_shape)``,
+``check(y)``, ``initial_estimate(y)``, ``official_start(y)`` (the official scripts' start) and
+``select(index)`` (one image's operator). Images are ``[N, C, H, W]`` in [0, 1] space. ``OPERATORS`` builds a
+small example of each kind.
 """
 
 from diffpir.operators.base import Operator, as_generator

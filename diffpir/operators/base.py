@@ -4,7 +4,8 @@ Conventions shared by all operators (see ``docs/CONTRACTS.md``):
 
 - images ``x`` are ``[N, C, H, W]`` float tensors in [0, 1] space, measurements ``y`` are ``[N, C, h, w]``;
 - ``prox(z, y, rho)`` returns ``argmin_x ||y - H x||^2 + rho ||x - z||^2`` (no factor 1/2 on either term),
-  with ``rho`` a positive float or a tensor of shape ``[N]`` (one value per image);
+  with ``rho`` a positive float or a tensor of shape ``[N]`` (one value per image); it is always
+  ``prox_fn(y)(z, rho)``: an operator writes its proximal step once, as :meth:`Operator.prox_fn`;
 - per-image parameters (kernels ``[N, kh, kw]``, masks ``[N, 1|C, H, W]``) apply image by image; a single one
   is shared by the whole batch.
 """
@@ -47,9 +48,10 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
 class Operator(nn.Module):
     """A degradation ``y = H(x)`` with its adjoint and data-consistency proximal step.
 
-    Subclasses implement :meth:`forward` (and :meth:`adjoint` when linear) and usually override :meth:`prox`
-    with a closed form; the base :meth:`prox` solves the normal equations by conjugate gradients
-    (:meth:`prox_cg`).
+    Subclasses implement :meth:`forward` (and :meth:`adjoint` when linear) and usually override :meth:`prox_fn`
+    with a closed form; the base :meth:`prox_fn` solves the normal equations by conjugate gradients
+    (:meth:`prox_cg`). :meth:`prox` is derived from :meth:`prox_fn` and is not overridden (a subclass that
+    defines it is refused), so the two always agree to the bit.
 
     Attributes:
         linear: whether ``H`` is linear (then :meth:`adjoint` exists and the CG prox is exact).
@@ -59,6 +61,14 @@ class Operator(nn.Module):
     """
 
     linear: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "prox" in vars(cls):
+            raise TypeError(
+                f"{cls.__name__} defines prox(z, y, rho): implement prox_fn(y) -> (z, rho) -> x instead "
+                f"(Operator.prox is prox_fn(y)(z, rho))"
+            )
 
     def __init__(self, cg_tol: float = 1e-6, cg_max_iter: int = 200):
         super().__init__()
@@ -81,20 +91,20 @@ class Operator(nn.Module):
         return torch.Size(y_shape)
 
     def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """``argmin_x ||y - H x||^2 + rho ||x - z||^2`` for ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, h, w]``.
-
-        ``rho`` is a positive float or a tensor ``[N]``. The base class solves
-        ``(H^T H + rho I) x = H^T y + rho z`` with :meth:`prox_cg`.
-        """
-        return self.prox_cg(z, y, rho)
+        """``argmin_x ||y - H x||^2 + rho ||x - z||^2`` for ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, h, w]``;
+        ``rho`` a positive float or a tensor ``[N]``. It is ``prox_fn(y)(z, rho)``, bit for bit."""
+        return self.prox_fn(y)(z, rho)
 
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """``(z, rho) -> prox(z, y, rho)`` for a fixed measurement ``y``.
+        """The proximal step for a fixed measurement ``y``: ``(z, rho) -> argmin_x ||y - H x||^2 + rho ||x - z||^2``.
 
-        The sampler calls this once per restoration and the returned function at every step, so subclasses
-        override it to do the work that depends on ``y`` alone once (e.g. ``conj(K) F(y)`` for deblurring).
+        The one place an operator writes its proximal step (:meth:`prox` calls it). The sampler calls it once per
+        restoration and the returned function at every step, so closed forms do the work that depends on ``y``
+        alone here, once (e.g. ``conj(K) F(y)`` for deblurring). That work may use the operator's parameters
+        (kernel, mask) as they are now: after changing them, call :meth:`prox_fn` again. The base class solves
+        ``(H^T H + rho I) x = H^T y + rho z`` by conjugate gradients (:meth:`prox_cg`), linear ``H`` only.
         """
-        return lambda z, rho: self.prox(z, y, rho)
+        return lambda z, rho: self.prox_cg(z, y, rho)
 
     def check(self, y: Tensor) -> None:
         """Raise ``ValueError`` when ``y`` cannot be a measurement of this operator (ndim, dtype, batch,

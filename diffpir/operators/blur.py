@@ -21,8 +21,9 @@ class Blur(KernelOperator):
         normalize: divide the kernel by its sum (default). A kernel that does not sum to one is then
             normalised with a ``UserWarning`` saying so; pass ``normalize=False`` to use it unchanged.
 
-    The FFTs run in the input's dtype (float32 for half precision); the kernel's transfer function is cached
-    per image size and device, so repeated :meth:`prox` calls cost three FFTs each.
+    The FFTs run in float64 for float64 tensors, else in float32 (the proximal step: in the measurement's); the
+    kernel's transfer function is cached per image size and device, and :meth:`prox_fn` transforms ``y`` once,
+    so each step of a restoration costs two FFTs (a lone :meth:`prox` call, three).
 
     ``prox(z, y, rho) = argmin_x ||y - k * x||^2 + rho ||x - z||^2
     = F^-1[(conj(K) F(y) + rho F(z)) / (|K|^2 + rho)]`` with ``K = psf2otf(k)``.
@@ -56,21 +57,9 @@ class Blur(KernelOperator):
     def _check_shape(self, y: Tensor) -> None:
         self._check_image(y, "y")
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """``F^-1[(conj(K) F(y) + rho F(z)) / (|K|^2 + rho)]``, all ``[N, C, H, W]``; ``rho`` float or
-        ``[N]``."""
-        self._check_image(z, "z")
-        h, w = z.shape[-2:]
-        dt = work_dtype(z)
-        otf = self.otf(h, w, z)
-        zf = z.to(dt)
-        r = rho_view(rho, zf)
-        num = otf.conj() * torch.fft.rfft2(y.to(dt)) + r * torch.fft.rfft2(zf)
-        x = torch.fft.irfft2(num / (otf.abs().square() + r), s=(h, w))
-        return x.to(z.dtype)
-
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """:meth:`prox` for a fixed ``y`` with ``conj(K) F(y)`` and ``|K|^2`` computed once: two FFTs a call."""
+        """``z, rho -> F^-1[(conj(K) F(y) + rho F(z)) / (|K|^2 + rho)]``, all ``[N, C, H, W]``, ``rho`` a float or
+        ``[N]``; ``conj(K) F(y)`` and ``|K|^2`` are computed here, once: two FFTs a call."""
         self._check_image(y, "y")
         h, w = y.shape[-2:]
         dt = work_dtype(y)

@@ -91,18 +91,23 @@ class NonlinearOperator(Operator):
     def x_shape(self, y_shape: Shape) -> torch.Size:
         return torch.Size(y_shape if self.x_shape_fn is None else self.x_shape_fn(torch.Size(y_shape)))
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """``steps`` gradient steps from ``z`` (class docstring); works under ``torch.no_grad()`` too."""
-        check_measurement(z, "z")
-        r = rho_view(rho, z)
-        step = self.lr / (self.lipschitz + r)
-        z = z.detach()
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """``z, rho -> x``: ``steps`` gradient steps from ``z`` (class docstring); works under ``torch.no_grad()``
+        too."""
         y = y.detach()
-        x = z.clone()
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                x = x.detach().requires_grad_(True)
-                residual = self.forward_fn(x) - y
-                (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), x)
-                x = x - step * (grad + r * (x - z))
-        return x.detach()
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            check_measurement(z, "z")
+            r = rho_view(rho, z)
+            step = self.lr / (self.lipschitz + r)
+            z = z.detach()
+            x = z.clone()
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    x = x.detach().requires_grad_(True)
+                    residual = self.forward_fn(x) - y
+                    (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), x)
+                    x = x - step * (grad + r * (x - z))
+            return x.detach()
+
+        return prox

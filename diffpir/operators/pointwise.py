@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -21,10 +23,14 @@ class Denoise(Operator):
     def adjoint(self, y: Tensor) -> Tensor:
         return y
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """``(y + rho z) / (1 + rho)``, all ``[N, C, H, W]``; ``rho`` float or ``[N]``."""
-        r = rho_view(rho, z)
-        return (y + r * z) / (1 + r)
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """``z, rho -> (y + rho z) / (1 + rho)``, all ``[N, C, H, W]``; ``rho`` float or ``[N]``."""
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            r = rho_view(rho, z)
+            return (y + r * z) / (1 + r)
+
+        return prox
 
 
 class Inpaint(Operator):
@@ -83,12 +89,17 @@ class Inpaint(Operator):
     def _check_shape(self, y: Tensor) -> None:
         self._check_image(y, "measurement")
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """``(M y + rho z) / (M^2 + rho)``, all ``[N, C, H, W]``; ``rho`` float or ``[N]``."""
-        self._check_image(z, "image")
-        m = self._mask(z)
-        r = rho_view(rho, z)
-        return (m * y + r * z) / (m * m + r)
+    def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
+        """``z, rho -> (M y + rho z) / (M^2 + rho)``, all ``[N, C, H, W]``; ``rho`` float or ``[N]`` (the mask in
+        ``z``'s dtype and device)."""
+
+        def prox(z: Tensor, rho: float | Tensor) -> Tensor:
+            self._check_image(z, "image")
+            m = self._mask(z)
+            r = rho_view(rho, z)
+            return (m * y + r * z) / (m * m + r)
+
+        return prox
 
     def initial_estimate(self, y: Tensor) -> Tensor:
         """``y`` at known pixels, the mean of the known pixels (per image and channel) where missing."""

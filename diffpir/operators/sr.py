@@ -72,7 +72,22 @@ def bicubic_kernel(scale: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.from_numpy(np.outer(k1, k1)).to(dtype)
 
 
-class Downsample(KernelOperator):
+class _Downscaling:
+    """What the two SR operators share: images ``s`` times the measurement's size (``x_shape``) and bicubic
+    upsampling as the first guess. The operator sets ``scale`` (``s``)."""
+
+    scale: int
+
+    def x_shape(self, y_shape: Shape) -> torch.Size:
+        n, c, h, w = y_shape
+        return torch.Size((n, c, h * self.scale, w * self.scale))
+
+    def initial_estimate(self, y: Tensor) -> Tensor:
+        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
+        return _upsample_bicubic(y, self.scale)
+
+
+class Downsample(_Downscaling, KernelOperator):
     """``y = (k * x) downsampled by s``: circular convolution, then the top-left sample of every ``s x s``
     block (``y[i, j] = (k * x)[s i, s j]``, as USRNet's ``downsample``).
 
@@ -96,10 +111,6 @@ class Downsample(KernelOperator):
     def __init__(self, scale: int, kernel: Tensor | np.ndarray | None = None, normalize: bool = True, **cg):
         super().__init__(torch.ones(1, 1) if kernel is None else kernel, normalize, **cg)
         self.scale = _check_scale(scale)
-
-    def x_shape(self, y_shape: Shape) -> torch.Size:
-        n, c, h, w = y_shape
-        return torch.Size((n, c, h * self.scale, w * self.scale))
 
     def _check_image(self, x: Tensor, name: str) -> None:
         check_measurement(x, name)
@@ -143,24 +154,10 @@ class Downsample(KernelOperator):
         h, w = u.shape[-2:]
         return torch.fft.irfft2(self.otf(h, w, u).conj() * torch.fft.rfft2(u), s=(h, w)).to(y.dtype)
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """The USRNet closed form (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``."""
-        self._check_image(z, "z")
-        n, c, hh, ww = z.shape
-        s = self.scale
-        h, w = hh // s, ww // s
-        zf = z.to(work_dtype(z))
-        r = rho_view(rho, zf)
-        k = self.otf(hh, ww, zf, full=True)  # [Nk, 1, H, W] complex
-        d = k.conj() * torch.fft.fft2(self._upsample_zero(y.to(zf.dtype))) + r * torch.fft.fft2(zf)
-        kd = (k * d).view(n, c, s, h, s, w).mean(dim=(2, 4))
-        k2 = k.abs().square().view(k.shape[0], 1, s, h, s, w).mean(dim=(2, 4))
-        q = (kd / (k2 + r)).repeat(1, 1, s, s)
-        x = torch.fft.ifft2((d - k.conj() * q) / r).real
-        return x.to(z.dtype)
-
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """:meth:`prox` for a fixed ``y``, with ``conj(K) F(up(y))`` and the block means of ``|K|^2`` computed once."""
+        """The USRNet closed form (class docstring) for ``y`` ``[N, C, H/s, W/s]``: ``z, rho -> x``, ``z`` and ``x``
+        ``[N, C, H, W]``; ``conj(K) F(S^T y)`` and the block means of ``|K|^2`` are computed here, once."""
+        check_measurement(y, "y")
         self._check_shape(y)
         n, c, h, w = y.shape
         s = self.scale
@@ -179,10 +176,6 @@ class Downsample(KernelOperator):
             return torch.fft.ifft2((d - k.conj() * q) / r).real.to(z.dtype)
 
         return prox
-
-    def initial_estimate(self, y: Tensor) -> Tensor:
-        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
-        return _upsample_bicubic(y, self.scale)
 
     def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
         """The official start (``main_ddpir_sisr.py`` with ``classical_degradation``): the unclamped bicubic
@@ -236,14 +229,14 @@ def imresize_matrix(in_length: int, scale: float, antialias: bool = True) -> Ten
     return torch.from_numpy(mat)
 
 
-class Bicubic(Operator):
+class Bicubic(_Downscaling, Operator):
     """``y = imresize(x, 1/s, 'bicubic')`` as MATLAB computes it (antialiased cubic, ``a = -0.5``, symmetric
     borders), written as separable matrices: ``y = W_h x W_w^T`` with ``W_h`` ``[H/s, H]``, ``W_w`` ``[W/s,
     W]`` (see :func:`imresize_matrix`; cached per size, device and dtype).
 
     ``prox(z, y, rho) = argmin_x ||y - W_h x W_w^T||^2 + rho ||x - z||^2``, solved exactly: with the float64
-    eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached) and
-    ``R = W_h^T y W_w + rho z``, ``x = U_h [(U_h^T R U_w) / (D_h D_w^T + rho)] U_w^T``.
+    eigendecompositions ``W_h^T W_h = U_h D_h U_h^T`` and ``W_w^T W_w = U_w D_w U_w^T`` (cached),
+    ``x = U_h [(U_h^T W_h^T y W_w U_w + rho U_h^T z U_w) / (D_h D_w^T + rho)] U_w^T``.
 
     With ``data_step="kernel"`` the data step is instead the official code's: the closed form of
     :class:`Downsample` with :func:`bicubic_kernel` (circular blur then top-left decimation), which equals the
@@ -269,10 +262,6 @@ class Bicubic(Operator):
     def _apply(self, fn, recurse=True):
         self._mat_cache, self._eig_cache = {}, {}
         return super()._apply(fn, recurse)
-
-    def x_shape(self, y_shape: Shape) -> torch.Size:
-        n, c, h, w = y_shape
-        return torch.Size((n, c, h * self.scale, w * self.scale))
 
     def matrix(self, length: int, like: Tensor) -> Tensor:
         """The cached ``[length / s, length]`` resizing matrix on ``like``'s device, in the work dtype."""
@@ -313,22 +302,10 @@ class Bicubic(Operator):
         s = self.scale
         return (self.matrix(y.shape[-2] * s, yf).T @ yf @ self.matrix(y.shape[-1] * s, yf)).to(y.dtype)
 
-    def prox(self, z: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
-        """The exact eigen-solution (class docstring); ``z`` ``[N, C, H, W]``, ``y`` ``[N, C, H/s, W/s]``.
-        With ``data_step="kernel"``: :class:`Downsample`'s closed form with :func:`bicubic_kernel`."""
-        if self._kernel_op is not None:
-            return self._kernel_op.prox(z, y, rho)
-        self._check_image(z, "z")
-        zf = z.to(work_dtype(z))
-        r = rho_view(rho, zf)
-        rhs = self.adjoint(y.to(zf.dtype)) + r * zf
-        uh, dh = self._eig(z.shape[-2], zf)
-        uw, dw = self._eig(z.shape[-1], zf)
-        coef = (uh.T @ rhs @ uw) / (dh[:, None] * dw[None, :] + r)
-        return (uh @ coef @ uw.T).to(z.dtype)
-
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
-        """:meth:`prox` for a fixed ``y``, with ``U_h^T A^T y U_w`` computed once: four small matmuls a call."""
+        """The exact eigen-solution (class docstring) for ``y`` ``[N, C, H/s, W/s]``: ``z, rho -> x``, ``z`` and
+        ``x`` ``[N, C, H, W]``; ``U_h^T W_h^T y W_w U_w`` is computed here, once: four small matmuls a call. With
+        ``data_step="kernel"``: :class:`Downsample`'s closed form with :func:`bicubic_kernel`."""
         if self._kernel_op is not None:
             return self._kernel_op.prox_fn(y)
         check_measurement(y, "y")
@@ -347,10 +324,6 @@ class Bicubic(Operator):
             return (uh @ coef @ uw.T).to(z.dtype)
 
         return prox
-
-    def initial_estimate(self, y: Tensor) -> Tensor:
-        """Bicubic upsampling of ``y`` by ``s``, clamped to [0, 1]."""
-        return _upsample_bicubic(y, self.scale)
 
     def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
         """The official start (``main_ddpir_sisr.py``): the unclamped bicubic upsampling (OpenCV's
