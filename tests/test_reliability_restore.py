@@ -18,17 +18,17 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 
 from diffpir.cli.restore import main
 from diffpir.io import ImageTooLargeError, read_image, remove_temp_files
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
-from diffpir.prior import Prior, export_prior
+from diffpir.prior import Prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
 
@@ -41,13 +41,6 @@ QUICK += " --trainer.enable_progress_bar false --trajectory.first_k 0"
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)  # weights only
-    prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    return export_prior(prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
-
-
 @pytest.fixture(autouse=True)
 def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["diffpir-restore"])  # LightningCLI warns about pytest's own arguments
@@ -124,15 +117,7 @@ def _predict(prior, images: Path, out: Path, spec: Degradation, mode="benchmark"
     module = RestorationModule(prior, steps=3, lpips=False)
     data = RestorationDataModule(str(images), mode=mode, degradation=spec, batch_size=batch_size, **(data_kw or {}))
     writer = RestorationWriter(str(out))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer],
-    )
+    trainer = quiet_trainer(callbacks=[writer])
     trainer.predict(module, datamodule=data, return_predictions=False)
     return module, writer
 

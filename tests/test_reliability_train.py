@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from conftest import quiet_trainer
 from PIL import Image
 
 from diffpir.cli.train import main as cli_main
@@ -86,15 +86,7 @@ def test_unreadable_files_are_named_skipped_and_counted_converted_ones_used(tmp_
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     # and a short fit runs on what is left
     module = DiffusionModule(build_unet("tiny"), warmup_steps=0, ema_decay=0.9)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, dm)
     assert trainer.global_step == 2
 

@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer, tiny_unet
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -39,7 +40,6 @@ from diffpir.checkpoints import check_ckpt_args, file_kind, local_file
 from diffpir.cli.restore import main as restore_main
 from diffpir.cli.train import human_size
 from diffpir.io import read_image, safe_output_name
-from diffpir.models import build_unet
 from diffpir.prior import BUNDLED_DIR, METADATA_KEY, Prior, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
@@ -122,15 +122,7 @@ def _train_images(folder: Path, n: int = 6, size: int = 24) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    torch.manual_seed(0)  # weights only
-    return build_unet("tiny")
-
-
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory, tiny_net) -> Path:
-    return export_prior(
-        Prior(tiny_net, NoiseSchedule.linear()), None, tmp_path_factory.mktemp("p") / "tiny.safetensors"
-    )
+    return tiny_unet()
 
 
 @pytest.fixture(autouse=True)
@@ -149,15 +141,7 @@ def _fresh_log_handler():
 
 
 def _trainer(writer: RestorationWriter) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer],
-    )
+    return quiet_trainer(callbacks=[writer])
 
 
 def _predict(prior, images: Path, out: Path, spec: Degradation | None = None, mode="benchmark", **module_kw):

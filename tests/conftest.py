@@ -1,0 +1,85 @@
+"""Shared test helpers: a tiny prior built from a ``torch.Generator`` and a quiet CPU Trainer.
+
+Tests never seed the global RNG: :func:`tiny_unet` draws the network's initial weights from its own generator.
+Fixtures: ``tiny_prior`` (a frozen tiny prior, one per test module) and ``prior_file`` (that prior exported once per
+session). Plain functions for helpers that are not fixtures: ``from conftest import quiet_trainer, tiny_unet``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from diffpir.models import build_unet
+from diffpir.prior import Prior, export_prior
+from diffpir.schedule import NoiseSchedule
+
+
+def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
+    """The ``tiny`` preset (a few thousand parameters) with PyTorch's default initialisation drawn from a generator.
+
+    Every ``Conv2d``/``Linear`` is re-drawn in construction order with the generator seeded ``seed``, exactly as
+    ``nn.Conv2d.reset_parameters`` draws it (Kaiming-uniform weights, uniform bias of bound 1/sqrt(fan_in)); the
+    layers the preset zero-initialises (output heads) stay zero. The weights are bitwise those that
+    ``torch.manual_seed(seed); build_unet("tiny")`` gives, without touching the global RNG
+    (tests/test_architecture.py checks this).
+    """
+    net = build_unet("tiny", **overrides)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            zero = not m.weight.any() and (m.bias is None or not m.bias.any())
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+            if m.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(m.bias, -bound, bound, generator=g)
+            if zero:
+                for p in m.parameters():
+                    p.zero_()
+    return net
+
+
+def make_tiny_prior(seed: int = 0, **overrides) -> Prior:
+    """A :class:`Prior` of :func:`tiny_unet` on the linear 1000-step schedule (train mode, as built)."""
+    return Prior(tiny_unet(seed, **overrides), NoiseSchedule.linear())
+
+
+def export_tiny_prior(folder: Path, seed: int = 0, **overrides) -> Path:
+    """:func:`make_tiny_prior` exported to ``folder/tiny.safetensors``; returns the file's path."""
+    return export_prior(make_tiny_prior(seed, **overrides), None, Path(folder) / "tiny.safetensors")
+
+
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+"""The Trainer options of :func:`quiet_trainer`: one CPU device, no logger, checkpoints, progress bar or summary."""
+
+
+def quiet_trainer(**overrides) -> L.Trainer:
+    """A Trainer with the :data:`QUIET` options, any of which ``overrides`` replaces (e.g. ``callbacks=[writer]``)."""
+    return L.Trainer(**{**QUIET, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_prior() -> Prior:
+    """The tiny prior of seed 0, in eval mode and frozen; a fresh one per test module."""
+    return make_tiny_prior().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def prior_file(tmp_path_factory) -> Path:
+    """The tiny prior of seed 0 exported once per session (read it, do not write over it)."""
+    return export_tiny_prior(tmp_path_factory.mktemp("prior"))
