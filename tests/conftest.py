@@ -2,15 +2,16 @@
 
 Tests never seed the global RNG: :func:`tiny_unet` draws the network's initial weights from its own generator.
 Fixtures: ``tiny_prior`` (a frozen tiny prior, one per test module) and ``prior_file`` (that prior exported once per
-session). Plain functions for helpers that are not fixtures: ``from conftest import quiet_trainer, tiny_unet``.
+session). Plain functions for helpers that are not fixtures: ``from conftest import quiet_trainer, tiny_unet``
+(``quiet_trainer`` comes from bench/benchlib.py, which the benchmarks share).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,12 @@ from torch import nn
 from diffpir.models import build_unet
 from diffpir.prior import Prior, export_prior
 from diffpir.schedule import NoiseSchedule
+
+# The quiet Trainer is the benchmarks' (one CPU device; no logger, checkpoints, progress bar or model summary).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchlib import QUIET, quiet_trainer  # noqa: E402
+
+__all__ = ["QUIET", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
@@ -27,7 +34,7 @@ def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
     ``nn.Conv2d.reset_parameters`` draws it (Kaiming-uniform weights, uniform bias of bound 1/sqrt(fan_in)); the
     layers the preset zero-initialises (output heads) stay zero. The weights are bitwise those that
     ``torch.manual_seed(seed); build_unet("tiny")`` gives, without touching the global RNG
-    (tests/test_architecture.py checks this).
+    (tests/test_conftest.py checks this).
     """
     net = build_unet("tiny", **overrides)
     g = torch.Generator().manual_seed(seed)
@@ -55,22 +62,6 @@ def make_tiny_prior(seed: int = 0, **overrides) -> Prior:
 def export_tiny_prior(folder: Path, seed: int = 0, **overrides) -> Path:
     """:func:`make_tiny_prior` exported to ``folder/tiny.safetensors``; returns the file's path."""
     return export_prior(make_tiny_prior(seed, **overrides), None, Path(folder) / "tiny.safetensors")
-
-
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
-"""The Trainer options of :func:`quiet_trainer`: one CPU device, no logger, checkpoints, progress bar or summary."""
-
-
-def quiet_trainer(**overrides) -> L.Trainer:
-    """A Trainer with the :data:`QUIET` options, any of which ``overrides`` replaces (e.g. ``callbacks=[writer]``)."""
-    return L.Trainer(**{**QUIET, **overrides})
 
 
 @pytest.fixture(scope="module")
