@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine, quiet_trainer, write_report  # noqa: E402
+from benchlib import default_init, machine, quiet_trainer, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "restore_throughput.json"
 
@@ -78,8 +78,7 @@ def worker(args: argparse.Namespace) -> dict:
     batch_size = args.worker
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)  # the random weights only
-    prior = Prior(build_unet(args.preset), NoiseSchedule.linear()).eval()
+    prior = Prior(default_init(build_unet(args.preset), 0), NoiseSchedule.linear()).eval()  # random weights
     kernel = min(61, args.size if args.size % 2 else args.size - 1)  # the paper's 61x61 when it fits
     spec = Degradation(task=args.task, kernel_size=kernel, sigma_n=0.05)
 

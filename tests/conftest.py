@@ -8,12 +8,10 @@ session). Plain functions for helpers that are not fixtures: ``from conftest imp
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from diffpir.models import build_unet
@@ -22,36 +20,16 @@ from diffpir.schedule import NoiseSchedule
 
 # The quiet Trainer is the benchmarks' (one CPU device; no logger, checkpoints, progress bar or model summary).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from benchlib import QUIET, quiet_trainer  # noqa: E402
+from benchlib import QUIET, default_init, quiet_trainer  # noqa: E402
 
-__all__ = ["QUIET", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
+__all__ = ["QUIET", "default_init", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
-    """The ``tiny`` preset (a few thousand parameters) with PyTorch's default initialisation drawn from a generator.
-
-    Every ``Conv2d``/``Linear`` is re-drawn in construction order with the generator seeded ``seed``, exactly as
-    ``nn.Conv2d.reset_parameters`` draws it (Kaiming-uniform weights, uniform bias of bound 1/sqrt(fan_in)); the
-    layers the preset zero-initialises (output heads) stay zero. The weights are bitwise those that
-    ``torch.manual_seed(seed); build_unet("tiny")`` gives, without touching the global RNG
-    (tests/test_conftest.py checks this).
-    """
-    net = build_unet("tiny", **overrides)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if not isinstance(m, (nn.Conv2d, nn.Linear)):
-                continue
-            zero = not m.weight.any() and (m.bias is None or not m.bias.any())
-            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
-            if m.bias is not None:
-                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
-                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-                nn.init.uniform_(m.bias, -bound, bound, generator=g)
-            if zero:
-                for p in m.parameters():
-                    p.zero_()
-    return net
+    """The ``tiny`` preset (a few thousand parameters) with PyTorch's default initialisation drawn from a generator
+    seeded ``seed`` (:func:`benchlib.default_init`): bitwise the weights ``torch.manual_seed(seed);
+    build_unet("tiny")`` gives, without seeding the global RNG (tests/test_conftest.py checks this)."""
+    return default_init(build_unet("tiny", **overrides), seed)
 
 
 def make_tiny_prior(seed: int = 0, **overrides) -> Prior:

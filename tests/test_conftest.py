@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUIET, quiet_trainer, tiny_unet
+from conftest import QUIET, default_init, quiet_trainer, tiny_unet
 
 from diffpir.models import build_unet
 
@@ -37,3 +37,12 @@ def test_quiet_trainer_options_and_overrides():
     assert trainer.progress_bar_callback is None and QUIET["accelerator"] == "cpu"
     assert not any(type(c).__name__ == "ModelSummary" for c in trainer.callbacks)
     assert quiet_trainer(enable_checkpointing=True).checkpoint_callback is not None
+
+
+def test_default_init_of_the_benchmarks_preset_equals_the_global_seed_build():
+    """bench/restore_throughput.py's default prior ("small", with attention) keeps its weights too."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        legacy = build_unet("small").state_dict()
+    ours = default_init(build_unet("small"), 0).state_dict()
+    assert all(torch.equal(ours[k], legacy[k]) for k in legacy)
