@@ -8,6 +8,7 @@ session). Plain functions for helpers that are not fixtures: ``from conftest imp
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from diffpir.schedule import NoiseSchedule
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import QUIET, default_init, quiet_trainer  # noqa: E402
 
-__all__ = ["QUIET", "default_init", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
+__all__ = ["Malicious", "QUIET", "default_init", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
@@ -40,6 +41,16 @@ def make_tiny_prior(seed: int = 0, **overrides) -> Prior:
 def export_tiny_prior(folder: Path, seed: int = 0, **overrides) -> Path:
     """:func:`make_tiny_prior` exported to ``folder/tiny.safetensors``; returns the file's path."""
     return export_prior(make_tiny_prior(seed, **overrides), None, Path(folder) / "tiny.safetensors")
+
+
+class Malicious:
+    """A pickle payload: unpickling it runs ``os.makedirs(marker)``, the visible sign that loading ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
 
 
 @pytest.fixture(scope="module")

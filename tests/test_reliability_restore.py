@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import Malicious, quiet_trainer
 from PIL import Image
 
 from diffpir.cli.restore import main
@@ -361,16 +361,6 @@ def test_non_finite_measurement_tensor_is_refused_naming_the_problem():
 # ---------------------------------------------------------------------------------------------------------
 # Untrusted files, output names, config mistakes
 # ---------------------------------------------------------------------------------------------------------
-class Malicious:
-    """Unpickling this creates the folder ``marker``."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 @pytest.mark.parametrize("name", ["evil.ckpt", "evil.pt"])
 def test_cli_refuses_a_prior_that_carries_code(tmp_path, capsys, name):
     marker = tmp_path / "pwned"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import Malicious, quiet_trainer
 from PIL import Image
 
 from diffpir.cli.train import main as cli_main
@@ -129,16 +129,6 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert info.value.code == 2 and named in err and "Traceback" not in err, (extra, err[-400:])
     assert not (tmp_path / "runs").exists()
-
-
-class Malicious:
-    """Unpickling this creates the folder ``marker``."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
 
 
 @pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])

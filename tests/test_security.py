@@ -31,7 +31,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_unet
+from conftest import Malicious, quiet_trainer, tiny_unet
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -56,16 +56,6 @@ TIMEOUT = 300  # seconds for one console-script run on a busy shared CPU; a hang
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-class Malicious:
-    """Unpickling this creates the folder ``marker`` (the payload's visible side effect)."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def _evil_ckpt(path: Path, marker: Path) -> Path:
     """A file shaped like a Lightning checkpoint that runs ``os.makedirs(marker)`` when unpickled."""
     payload = {"state_dict": {"w": torch.zeros(2)}, "global_step": 7, "pytorch-lightning_version": "2.6.0"}
