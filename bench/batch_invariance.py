@@ -31,6 +31,9 @@ from diffpir.prior import Prior
 from diffpir.priorfile import load_prior
 from diffpir.restoration.tasks import Degradation, build_operator, degrade, synthesize_params
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import default_init  # noqa: E402
+
 TASKS = ("deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise")
 # The step counts of tests/test_methods.py::test_every_method_runs_on_every_paper_task.
 TEST_ARGS = {
@@ -109,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--natural", action="store_true", help="also the bundled natural prior at 64x64, 20 steps")
     ap.add_argument("--out", default="bench/results/batch_invariance")
     args = ap.parse_args(argv)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the tests' tiny network
-        tiny = Prior(build_unet("tiny"), NoiseSchedule.linear()).eval().requires_grad_(False)
+    tiny = Prior(default_init(build_unet("tiny"), 0), NoiseSchedule.linear())  # the tests' tiny network
+    tiny = tiny.eval().requires_grad_(False)
     rows = []
     for task in TASKS:
         for name in METHODS:

@@ -29,13 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine, quiet_trainer, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "large_image_memory.json"
 NATURAL = Path(__file__).resolve().parents[1] / "diffpir" / "assets" / "priors" / "natural.safetensors"
@@ -98,7 +100,6 @@ def _write_photo(folder: Path, sample: str, size: int) -> Path:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    import lightning as L
     import torch
 
     from diffpir.models import build_unet
@@ -129,15 +130,7 @@ def worker(args: argparse.Namespace) -> dict:
     )
     data = RestorationDataModule(str(args.folder / "in"), mode="real", degradation=_spec(), max_pixels=None)
     out = args.folder / args.worker
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[RestorationWriter(str(out))],
-    )
+    trainer = quiet_trainer(callbacks=[RestorationWriter(str(out))])
     setup_mb = _current_rss_mb()
     start = time.perf_counter()
     trainer.predict(module, datamodule=data, return_predictions=False)
@@ -194,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker is not None:
         print(json.dumps(worker(args)), flush=True)
         return {}
-    import torch
 
     runs, notes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,19 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
             for k in ("size", "steps", "preset", "prior", "tile", "overlap", "tile_batch", "budget_gb", "probe_size")
         }
         | {"task": "deblur_gaussian 61x61 std 3, sigma_n 0.05, real mode", "photo": f"{args.sample} upscaled"},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads or torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(args.threads),
         "runs": runs,
         "notes": notes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import default_init, machine, quiet_trainer, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "restore_throughput.json"
 
@@ -65,7 +67,6 @@ def _write_images(folder: Path, n: int, size: int) -> None:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    import lightning as L
     import torch
 
     from diffpir.models import build_unet
@@ -77,23 +78,14 @@ def worker(args: argparse.Namespace) -> dict:
     batch_size = args.worker
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)  # the random weights only
-    prior = Prior(build_unet(args.preset), NoiseSchedule.linear()).eval()
+    prior = Prior(default_init(build_unet(args.preset), 0), NoiseSchedule.linear()).eval()  # random weights
     kernel = min(61, args.size if args.size % 2 else args.size - 1)  # the paper's 61x61 when it fits
     spec = Degradation(task=args.task, kernel_size=kernel, sigma_n=0.05)
 
     def run(images: Path, out: Path, bs: int) -> float:
         module = RestorationModule(prior, steps=args.steps, lpips=False, prior_precision=args.precision)
         data = RestorationDataModule(str(images), degradation=spec, batch_size=bs)
-        trainer = L.Trainer(
-            accelerator=args.device,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[RestorationWriter(str(out))],
-        )
+        trainer = quiet_trainer(accelerator=args.device, callbacks=[RestorationWriter(str(out))])
         start = time.perf_counter()
         trainer.predict(module, datamodule=data, return_predictions=False)
         return time.perf_counter() - start
@@ -151,19 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             k: getattr(args, k) for k in ("preset", "size", "steps", "images", "task", "device", "precision", "threads")
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads or torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        },
+        "machine": {**machine(args.threads), "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import logging
 import math
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import quiet_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES: dict[str, dict] = {
@@ -175,7 +179,6 @@ def initial_weights(preset: str = "digits", seed: int = 0) -> dict[str, Tensor]:
 
 def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -> tuple[nn.Module, dict]:
     """Fit the recipe; returns the module (EMA weights in ``eval_prior``) and timing."""
-    from lightning.pytorch import Trainer
 
     from diffpir.training import DiffusionModule, ImageFolderDataModule
 
@@ -194,18 +197,8 @@ def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -
         val_fraction=0,
         seed=0,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.steps,
-        max_epochs=-1,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        max_steps=args.steps, max_epochs=-1, gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0
     )
     start = time.perf_counter()
     trainer.fit(module, dm)

@@ -22,19 +22,23 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import lightning
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from diffpir.models import build_unet
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import EMA, DiffusionModule
 from diffpir.training.module import LinearWarmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import quiet_trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 HP = dict(lr=2e-4, weight_decay=0.0, adam_betas=(0.9, 0.999), warmup_steps=100, ema_decay=0.999)
@@ -102,16 +106,10 @@ def lightning_run(init: dict, preset: str, data: torch.Tensor, batch: int, warmu
     net.load_state_dict(init)
     module = DiffusionModule(net, **HP)
     timer = _Timer(warmup)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=warmup + steps,
         max_epochs=-1,
         gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=50,

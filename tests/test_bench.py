@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import export_tiny_prior
 from PIL import Image
 
 from diffpir.models import build_unet
@@ -33,8 +33,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_split_runs_merge_into_one_table(compare, tmp_path):
-    torch.manual_seed(0)  # weights only
-    prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    prior = export_tiny_prior(tmp_path)
     images = tmp_path / "eval"
     images.mkdir()
     rng = np.random.default_rng(0)

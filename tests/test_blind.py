@@ -26,12 +26,8 @@ from diffpir.methods.blind import (
     kernel_ncc,
     project_simplex,
 )
-from diffpir.models import build_unet
 from diffpir.operators import BlindBlur, Blur, motion_kernel
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration.tasks import Degradation, build_operator, degrade, image_generator, synthesize_params
-from diffpir.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "restore" / "deblur_blind.yaml"
@@ -198,12 +194,6 @@ def test_otf_space_crop_inverts_the_padding():
 # ---------------------------------------------------------------------------------------------------------
 # The method, end to end on a tiny prior
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_prior() -> Prior:
-    torch.manual_seed(0)
-    return Prior(build_unet("tiny"), NoiseSchedule.linear()).eval()
-
-
 def test_blind_method_estimates_the_kernel_and_never_reads_it(tiny_prior):
     x = edges_image(2, size=40, seed=14).float()
     k = torch.stack([motion_kernel(11, 0.5, generator=gen(s)) for s in (15, 16)])
@@ -264,11 +254,6 @@ def test_blind_task_hides_the_kernel():
 def _restore_exe() -> str:
     exe = Path(sys.executable).with_name("diffpir-restore")
     return str(exe) if exe.is_file() else (shutil.which("diffpir-restore") or "diffpir-restore")
-
-
-@pytest.fixture(scope="module")
-def prior_file(tiny_prior, tmp_path_factory) -> Path:
-    return export_prior(tiny_prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
 
 
 FAST = [

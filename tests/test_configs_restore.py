@@ -10,21 +10,10 @@ import pytest
 import torch
 
 from diffpir.cli.restore import build_cli, main
-from diffpir.models import build_unet
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import RestorationDataModule, RestorationModule, RestorationWriter, TrajectoryLogger
-from diffpir.schedule import NoiseSchedule
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "restore").glob("*.yaml"))
 PAPER_TASKS = {"deblur_gaussian", "deblur_motion", "sr_x4", "inpaint_box", "inpaint_random", "denoise"}
-
-
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    return export_prior(prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
 
 
 def test_every_paper_task_has_a_config_and_a_fast_config():

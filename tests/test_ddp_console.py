@@ -167,24 +167,12 @@ def test_sigterm_stops_ddp_processes_blocked_in_a_collective(tmp_path):
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory) -> Path:
-    from diffpir.models import build_unet
-    from diffpir.prior import Prior
-    from diffpir.priorfile import export_prior
-    from diffpir.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("prior") / "tiny.safetensors"
-    return export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, path)
-
-
 @pytest.mark.slow
-def test_restore_ddp_two_processes_as_documented(tmp_path, tiny_prior):
+def test_restore_ddp_two_processes_as_documented(tmp_path, prior_file):
     images = photos(tmp_path / "photos", n=5, size=16)
     out = tmp_path / "out"
     cmd = [console_script("diffpir-restore"), "predict", "--config", str(DEBLUR)]
-    cmd += ["--model.prior", str(tiny_prior), "--data.images", str(images), "--writer.output_dir", str(out)]
+    cmd += ["--model.prior", str(prior_file), "--data.images", str(images), "--writer.output_dir", str(out)]
     cmd += "--model.steps 4 --model.lpips false --data.degradation.kernel_size 9 --data.batch_size 2".split()
     cmd += "--trajectory.first_k 5 --trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu".split()
     res = run_group(cmd, tmp_path)

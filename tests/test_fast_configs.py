@@ -14,29 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from diffpir.io import read_image
 from diffpir.metrics import psnr
-from diffpir.models import build_unet
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule
-from diffpir.schedule import NoiseSchedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "restore"
 FAST = sorted(CONFIGS.glob("*_fast.yaml"))
 SCRIPT = Path(sys.executable).with_name("diffpir-restore")
 WARNING = "far from converged"
-
-
-@pytest.fixture(scope="module")
-def tiny_prior_file(tmp_path_factory) -> Path:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the random weights only
-        prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    return export_prior(prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
 
 
 def restore(config: Path, prior: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -58,8 +45,8 @@ def test_every_task_has_a_fast_config():
 
 @pytest.mark.slow  # one console-script run per config (about 15 s each on an idle CPU)
 @pytest.mark.parametrize("config", FAST, ids=[p.stem for p in FAST])
-def test_fast_config_runs_through_the_console_script(config, tiny_prior_file, tmp_path):
-    res = restore(config, str(tiny_prior_file), tmp_path / "out", "--data.crop", "64")  # the 61x61 kernels fit
+def test_fast_config_runs_through_the_console_script(config, prior_file, tmp_path):
+    res = restore(config, str(prior_file), tmp_path / "out", "--data.crop", "64")  # the 61x61 kernels fit
     assert WARNING not in res.stderr + res.stdout
     model = yaml.safe_load(config.read_text())["model"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -8,10 +8,10 @@ import math
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 
 from diffpir import NoiseSchedule
@@ -35,10 +35,7 @@ from diffpir.methods import (
 )
 from diffpir.methods.classical import _sure_std
 from diffpir.methods.ddnm import range_null_projection
-from diffpir.models import build_unet
 from diffpir.operators import Bicubic, Blur, Denoise, Downsample, Inpaint, box_mask, gaussian_kernel, random_mask
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.restoration.tasks import build_operator, degrade, synthesize_params
 
@@ -363,12 +360,6 @@ def test_dpir_ffdnet_deblurs_a_photo():
 # ---------------------------------------------------------------------------------------------------------
 # Every method on every paper task, on a tiny network prior
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_prior() -> Prior:
-    torch.manual_seed(0)  # the random weights only
-    return Prior(build_unet("tiny"), NoiseSchedule.linear()).eval().requires_grad_(False)
-
-
 def _task_batch(task: str, size: int = 32, n: int = 2):
     spec = Degradation(task=task, kernel_size=9, kernel_std=1.5, box=12, margin=2)
     xs = torch.rand(n, 3, size, size, generator=gen(11))
@@ -432,11 +423,6 @@ def _params(op) -> dict[str, torch.Tensor]:
 # The restoration module and CLI: --model.method
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prior_file(tiny_prior, tmp_path_factory) -> Path:
-    return export_prior(tiny_prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
@@ -454,9 +440,7 @@ def test_restoration_module_runs_a_baseline(tiny_prior, images, tmp_path, method
         images=str(images), degradation=Degradation(task="deblur_gaussian", kernel_size=5, kernel_std=1.0)
     )
     writer = RestorationWriter(str(tmp_path / "out"))
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[writer]
-    )
+    trainer = quiet_trainer(callbacks=[writer])
     trainer.predict(module, datamodule=data, return_predictions=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["count"] == 2

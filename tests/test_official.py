@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_prior
 
-from diffpir import DiffPIR, NoiseSchedule
-from diffpir.models import build_unet
+from diffpir import DiffPIR
 from diffpir.operators import Bicubic, Blur, Inpaint, bicubic_kernel, gaussian_kernel, random_mask
 from diffpir.prior import Prior
 
@@ -29,10 +29,7 @@ T = 1000
 
 @pytest.fixture(scope="module")
 def net() -> Prior:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the random weights only
-        prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    return prior.double().eval().requires_grad_(False)
+    return make_tiny_prior().double().eval().requires_grad_(False)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Malicious
 
 import diffpir.priorfile as prior_mod
 from diffpir import NoiseSchedule
@@ -196,16 +196,6 @@ def test_lightning_checkpoint_with_diffpir_prior(small_prior, tmp_path):
     x = rand(1, 3, 32, 32, seed=12)
     with torch.no_grad():
         assert torch.equal(loaded.eps(x, 40), small_prior.eps(x, 40))
-
-
-class Malicious:
-    """Unpickling this runs ``os.makedirs(marker)``."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

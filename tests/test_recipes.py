@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 
 from diffpir.models import build_unet
@@ -115,20 +116,12 @@ def test_v_training_loss_is_zero_for_the_oracle_and_validation_reports_eps_mse()
 
 
 def test_v_prior_fits_exports_and_loads_as_an_eps_model(tmp_path: Path):
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
     net = build_unet("tiny")
     module = DiffusionModule(net, ema_decay=0.9, prediction="v", loss_weighting="min_snr", timestep_sampling="quad")
     data = DataLoader(torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), batch_size=4)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(module, data)
     assert module.prior_spec()["prediction"] == "v"
     path = export_prior(module.eval_prior, None, tmp_path / "v.safetensors")

@@ -18,10 +18,10 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import Malicious, quiet_trainer
 from PIL import Image
 
 from diffpir.cli.restore import main
@@ -29,7 +29,6 @@ from diffpir.io import ImageTooLargeError, read_image, remove_temp_files
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
 from diffpir.schedule import NoiseSchedule
 
@@ -42,13 +41,6 @@ QUICK += " --trainer.enable_progress_bar false --trajectory.first_k 0"
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)  # weights only
-    prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    return export_prior(prior, None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
-
-
 @pytest.fixture(autouse=True)
 def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["diffpir-restore"])  # LightningCLI warns about pytest's own arguments
@@ -125,15 +117,7 @@ def _predict(prior, images: Path, out: Path, spec: Degradation, mode="benchmark"
     module = RestorationModule(prior, steps=3, lpips=False)
     data = RestorationDataModule(str(images), mode=mode, degradation=spec, batch_size=batch_size, **(data_kw or {}))
     writer = RestorationWriter(str(out))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer],
-    )
+    trainer = quiet_trainer(callbacks=[writer])
     trainer.predict(module, datamodule=data, return_predictions=False)
     return module, writer
 
@@ -377,16 +361,6 @@ def test_non_finite_measurement_tensor_is_refused_naming_the_problem():
 # ---------------------------------------------------------------------------------------------------------
 # Untrusted files, output names, config mistakes
 # ---------------------------------------------------------------------------------------------------------
-class Malicious:
-    """Unpickling this creates the folder ``marker``."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 @pytest.mark.parametrize("name", ["evil.ckpt", "evil.pt"])
 def test_cli_refuses_a_prior_that_carries_code(tmp_path, capsys, name):
     marker = tmp_path / "pwned"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from conftest import Malicious, quiet_trainer
 from PIL import Image
 
 from diffpir.cli.train import main as cli_main
@@ -86,15 +86,7 @@ def test_unreadable_files_are_named_skipped_and_counted_converted_ones_used(tmp_
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     # and a short fit runs on what is left
     module = DiffusionModule(build_unet("tiny"), warmup_steps=0, ema_decay=0.9)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, dm)
     assert trainer.global_step == 2
 
@@ -137,16 +129,6 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert info.value.code == 2 and named in err and "Traceback" not in err, (extra, err[-400:])
     assert not (tmp_path / "runs").exists()
-
-
-class Malicious:
-    """Unpickling this creates the folder ``marker``."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
 
 
 @pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])

@@ -15,12 +15,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_prior, quiet_trainer
 from PIL import Image
 
 from diffpir.io import read_image, safe_output_name, to_uint8, write_png_atomic
-from diffpir.models import build_unet
 from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import (
     TASKS,
     Degradation,
@@ -33,7 +32,6 @@ from diffpir.restoration import (
     stable_seed,
 )
 from diffpir.restoration.tasks import load_params, synthesize_params
-from diffpir.schedule import NoiseSchedule
 
 STEPS = 4
 
@@ -42,14 +40,7 @@ STEPS = 4
 # Fixtures
 # ---------------------------------------------------------------------------------------------------------
 def _tiny_prior(channels: int = 3) -> Prior:
-    torch.manual_seed(0)  # weights only; the code under test never touches the global RNG
-    net = build_unet("tiny", in_channels=channels, out_channels=channels)
-    return Prior(net, NoiseSchedule.linear()).eval()
-
-
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory) -> Path:
-    return export_prior(_tiny_prior(), None, tmp_path_factory.mktemp("prior") / "tiny.safetensors")
+    return make_tiny_prior(in_channels=channels, out_channels=channels).eval()
 
 
 def _write_images(folder: Path, n: int, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:
@@ -91,15 +82,7 @@ def _predict(
         **(data_kw or {}),
     )
     writer = RestorationWriter(str(out), **(writer_kw or {}))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer, *callbacks],
-    )
+    trainer = quiet_trainer(callbacks=[writer, *callbacks])
     trainer.predict(module, datamodule=data, return_predictions=False)
     return module, writer, trainer
 
@@ -461,9 +444,7 @@ def test_lpips_column_when_available(prior_file, images, tmp_path):
     folder = _write_images(tmp_path / "img32", 2, size=32)
     module = RestorationModule(str(prior_file), steps=2, lpips=True)
     data = RestorationDataModule(str(folder), degradation=_spec("denoise"))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[RestorationWriter(str(out))]
-    )
+    trainer = quiet_trainer(callbacks=[RestorationWriter(str(out))])
     trainer.predict(module, datamodule=data, return_predictions=False)
     rows = _csv(out / "metrics.csv")
     assert all(0 <= float(r["lpips"]) < 2 for r in rows)

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import export_tiny_prior
 from PIL import Image
-
-from diffpir.models import build_unet
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
-from diffpir.schedule import NoiseSchedule
 
 N_IMAGES = 5  # odd: the ranks get 3 and 2 images
 
@@ -44,8 +39,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(N_IMAGES):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(images / f"im{i}.png")
-    torch.manual_seed(0)
-    prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    prior = export_tiny_prior(tmp_path)
 
     _run(prior, images, tmp_path / "single", devices=1, batch_size=1)
     _run(prior, images, tmp_path / "ddp", devices=2, batch_size=2)

@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import Malicious, quiet_trainer, tiny_unet
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
@@ -39,7 +40,6 @@ from diffpir.checkpoints import check_ckpt_args, file_kind, local_file
 from diffpir.cli.restore import main as restore_main
 from diffpir.cli.train import human_size
 from diffpir.io import read_image, safe_output_name
-from diffpir.models import build_unet
 from diffpir.prior import Prior
 from diffpir.priorfile import BUNDLED_DIR, METADATA_KEY, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
@@ -56,16 +56,6 @@ TIMEOUT = 300  # seconds for one console-script run on a busy shared CPU; a hang
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-class Malicious:
-    """Unpickling this creates the folder ``marker`` (the payload's visible side effect)."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def _evil_ckpt(path: Path, marker: Path) -> Path:
     """A file shaped like a Lightning checkpoint that runs ``os.makedirs(marker)`` when unpickled."""
     payload = {"state_dict": {"w": torch.zeros(2)}, "global_step": 7, "pytorch-lightning_version": "2.6.0"}
@@ -122,15 +112,7 @@ def _train_images(folder: Path, n: int = 6, size: int = 24) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    torch.manual_seed(0)  # weights only
-    return build_unet("tiny")
-
-
-@pytest.fixture(scope="module")
-def prior_file(tmp_path_factory, tiny_net) -> Path:
-    return export_prior(
-        Prior(tiny_net, NoiseSchedule.linear()), None, tmp_path_factory.mktemp("p") / "tiny.safetensors"
-    )
+    return tiny_unet()
 
 
 @pytest.fixture(autouse=True)
@@ -149,15 +131,7 @@ def _fresh_log_handler():
 
 
 def _trainer(writer: RestorationWriter) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer],
-    )
+    return quiet_trainer(callbacks=[writer])
 
 
 def _predict(prior, images: Path, out: Path, spec: Degradation | None = None, mode="benchmark", **module_kw):

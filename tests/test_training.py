@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quiet_trainer as shared_quiet_trainer
 from lightning.pytorch import Trainer
 from torchvision.io import write_png
 
@@ -55,19 +56,8 @@ def tiny_net(seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def quiet_trainer(**kwargs) -> Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        max_epochs=-1,
-    )
-    opts.update(kwargs)
-    return Trainer(**opts)
+    """:func:`conftest.quiet_trainer` that runs no validation unless asked and stops on ``max_steps`` only."""
+    return shared_quiet_trainer(**{"num_sanity_val_steps": 0, "limit_val_batches": 0, "max_epochs": -1, **kwargs})
 
 
 @pytest.fixture

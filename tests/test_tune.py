@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import export_tiny_prior
 from PIL import Image
 
 from diffpir import DiffPIR, NoiseSchedule
 from diffpir.analytic import GaussianPrior, power_law_spectrum
 from diffpir.cli.tune import DEFAULT_LAMBDAS, DEFAULT_ZETAS, run, tune
 from diffpir.metrics import psnr
-from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
-from diffpir.prior import Prior
-from diffpir.priorfile import export_prior
 from diffpir.restoration import Degradation, image_generator
 from diffpir.restoration.data import RestorationBatch
 
@@ -89,8 +87,7 @@ def test_default_grid_spans_the_documented_ranges():
 def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     from diffpir.cli.restore import build_cli
 
-    torch.manual_seed(0)  # the random weights only
-    prior_file = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    prior_file = export_tiny_prior(tmp_path)
     images = tmp_path / "val"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -119,8 +116,7 @@ def test_console_script_exits_zero_and_names_itself(tmp_path):
     exe = Path(sys.executable).parent / "diffpir-tune"
     if not exe.exists():
         pytest.skip("diffpir-tune is not installed (pip install -e .)")
-    torch.manual_seed(0)
-    prior_file = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
+    prior_file = export_tiny_prior(tmp_path)
     images = tmp_path / "val"
     images.mkdir()
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(images / "v.png")
