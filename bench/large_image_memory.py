@@ -101,6 +101,7 @@ def worker(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
+    from diffpir.methods import DiffPIRMethod
     from diffpir.models import build_unet
     from diffpir.prior import Prior, load_prior
     from diffpir.restoration import RestorationDataModule, RestorationModule, RestorationWriter
@@ -120,7 +121,7 @@ def worker(args: argparse.Namespace) -> dict:
     tiled = args.worker == "tiled"
     module = RestorationModule(
         prior,
-        steps=args.steps,
+        method=DiffPIRMethod(steps=args.steps),
         lpips=False,
         tile_size=args.tile if tiled else None,
         tile_overlap=args.overlap,

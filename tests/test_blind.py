@@ -271,11 +271,11 @@ def prior_file(tiny_prior, tmp_path_factory) -> Path:
 
 
 FAST = [
-    "--model.steps",
+    "--model.method.steps",
     "2",
     "--model.lpips",
     "false",
-    "--model.method_args.init_iterations",
+    "--model.method.init_iterations",
     "2",
     "--data.degradation.kernel_size",
     "9",

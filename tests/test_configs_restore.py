@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,8 +42,8 @@ def test_config_instantiates(config, prior_file, tmp_path):
     spec = cli.datamodule.degradation
     fast = config.stem.endswith("_fast")
     assert spec.task == config.stem.removesuffix("_fast")
-    hp = cli.model.hparams
-    sampler = cli.model.sampler
+    hp = SimpleNamespace(**cli.model.hparams.method["init_args"])  # the method's settings
+    sampler = cli.model.method.sampler
     assert sampler.nfe == hp.steps and sampler.lambda_ == hp.lambda_ and sampler.zeta == hp.zeta
     assert hp.skip == "quad" and hp.eta == 0.0
     if fast:  # the fast recipe: a late start from the classical restoration, fresh noise only
@@ -50,7 +51,7 @@ def test_config_instantiates(config, prior_file, tmp_path):
         assert hp.output == ("x0_hat" if spec.family == "inpaint" else "x0_pred")
         return
     if spec.task == "deblur_blind":  # not a paper task (its settings: issue 17, chosen on validation crops)
-        assert hp.method == "blind_diffpir" and (spec.sigma_n, spec.kernel_size) == (0.01, 31)
+        assert cli.model.method.name == "blind_diffpir" and (spec.sigma_n, spec.kernel_size) == (0.01, 31)
         assert cli.model.method.config()["steps"] == hp.steps
         return
     if spec.task != "denoise":  # the paper's tasks run as the official scripts
@@ -69,12 +70,14 @@ def test_config_instantiates(config, prior_file, tmp_path):
 
 def test_command_line_overrides(prior_file, tmp_path):
     cfg = next(p for p in CONFIGS if p.stem == "deblur_gaussian")
-    overrides = "--model.steps 20 --data.degradation.sigma_n 0.1 --model.prior_precision bf16 --trajectory.first_k 0"
+    overrides = (
+        "--model.method.steps 20 --data.degradation.sigma_n 0.1 --model.prior_precision bf16 --trajectory.first_k 0"
+    )
     cli = build_cli(
         ["--config", str(cfg), "--model.prior", str(prior_file), *overrides.split()],
         run=False,
     )
-    assert cli.model.sampler.nfe == 20 and cli.datamodule.degradation.sigma_n == 0.1
+    assert cli.model.method.nfe == 20 and cli.datamodule.degradation.sigma_n == 0.1
     assert cli.model.hparams.prior_precision == "bf16" and cli.model.prior.autocast_dtype == torch.bfloat16
 
 
@@ -83,7 +86,7 @@ def test_cli_predict_end_to_end(prior_file, tmp_path, monkeypatch):
     cfg = next(p for p in CONFIGS if p.stem == "denoise")
     out = tmp_path / "out"
     overrides = (
-        "--model.steps 3 --model.lpips false --data.limit 2 --data.crop 16 --trainer.accelerator cpu "
+        "--model.method.steps 3 --model.lpips false --data.limit 2 --data.crop 16 --trainer.accelerator cpu "
         "--trainer.devices 1 --trainer.enable_progress_bar false"
     )
     args = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(out)]
@@ -96,13 +99,13 @@ def test_cli_predict_end_to_end(prior_file, tmp_path, monkeypatch):
 
 
 def test_one_step_from_pure_noise_is_refused_by_the_cli(prior_file, tmp_path, monkeypatch, capsys):
-    """Issue 14, item 12: ``--model.steps 1`` with a paper config would return one prior guess on pure noise."""
+    """Issue 14, item 12: ``--model.method.steps 1`` with a paper config would return one prior guess on pure noise."""
     monkeypatch.setattr(sys, "argv", ["diffpir-restore"])
     cfg = next(p for p in CONFIGS if p.stem == "deblur_gaussian")
     args = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exc:
-        main(["predict", *args, "--model.steps", "1"])
+        main(["predict", *args, "--model.method.steps", "1"])
     assert exc.value.code not in (0, None)
     err = capsys.readouterr().err
-    assert "evaluates the prior once, on pure noise" in err and "--model.init classical" in err
+    assert "evaluates the prior once, on pure noise" in err and "--model.method.init classical" in err
     assert not (tmp_path / "o" / "restored").exists()

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from diffpir.io import read_image, safe_output_name, to_uint8, write_png_atomic
+from diffpir.methods import DiffPIRMethod
 from diffpir.models import build_unet
 from diffpir.prior import Prior, export_prior
 from diffpir.restoration import (
@@ -32,6 +33,7 @@ from diffpir.restoration import (
     stable_seed,
 )
 from diffpir.restoration.tasks import load_params, synthesize_params
+from diffpir.sampler import DiffPIR
 from diffpir.schedule import NoiseSchedule
 
 STEPS = 4
@@ -82,7 +84,9 @@ def _predict(
     data_kw=None,
     writer_kw=None,
 ) -> tuple[RestorationModule, RestorationWriter, L.Trainer]:
-    module = RestorationModule(prior, **{"steps": STEPS, "lpips": False, **(module_kw or {})})
+    kw = {"steps": STEPS, "lpips": False, **(module_kw or {})}
+    method = DiffPIRMethod(**{k: kw.pop(k) for k in DiffPIR.PARAMS if k in kw})
+    module = RestorationModule(prior, method=method, **kw)
     data = RestorationDataModule(
         images=None if images is None else str(images),
         degradation=spec or _spec(),
@@ -357,7 +361,7 @@ def test_predict_writes_pngs_csv_and_summary(prior_file, images, tmp_path):
     assert summary["count"] == 5 and summary["count_with_truth"] == 5
     assert summary["mean"]["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
     assert summary["mean"]["ssim"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows]))
-    assert summary["settings"]["model"]["steps"] == STEPS
+    assert summary["settings"]["model"]["method"]["init_args"]["steps"] == STEPS
     assert summary["settings"]["data"]["degradation"]["task"] == "deblur_gaussian"
     assert writer.summary == summary
 
@@ -458,7 +462,7 @@ def test_mixed_sizes_in_one_batch_and_show_steps(prior_file, tmp_path):
 def test_lpips_column_when_available(prior_file, images, tmp_path):
     out = tmp_path / "out"
     folder = _write_images(tmp_path / "img32", 2, size=32)
-    module = RestorationModule(str(prior_file), steps=2, lpips=True)
+    module = RestorationModule(str(prior_file), method=DiffPIRMethod(steps=2), lpips=True)
     data = RestorationDataModule(str(folder), degradation=_spec("denoise"))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[RestorationWriter(str(out))]
@@ -514,3 +518,31 @@ def test_psnr_is_finite_number(prior_file, images, tmp_path):
     for r in _csv(out / "metrics.csv"):
         assert math.isfinite(float(r["psnr"])) and math.isfinite(float(r["seconds"]))
         assert int(r["nfe"]) == STEPS
+
+
+def test_image_metrics_is_the_one_per_image_metric_of_module_and_benchmarks():
+    """Issue 15: one per-image metric function (uint8 PSNR/SSIM, LPIPS when given) for the restoration module
+    and the benchmarks' ``Metrics``; SSIM only from its 11 px window, LPIPS from 32 px, grey repeated to RGB."""
+    from diffpir.cli.evaluate import Metrics
+    from diffpir.metrics import image_metrics, quantize, ssim
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 1, 40, 40, generator=g)
+    x = (truth + 0.05 * torch.randn(truth.shape, generator=g)).clamp(0, 1)
+    seen = []
+
+    def fake_lpips(a, b):
+        seen.append(tuple(a.shape))
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    rows = image_metrics(x, truth, {"lpips": fake_lpips})
+    mse = ((quantize(x) - quantize(truth)) ** 2).mean(dim=(1, 2, 3))
+    for i, row in enumerate(rows):
+        assert set(row) == {"psnr", "ssim", "lpips"}
+        assert row["psnr"] == pytest.approx(10 * math.log10(255**2 / float(mse[i])), rel=1e-6)
+        assert row["ssim"] == float(ssim(x, truth)[i])
+        assert row["lpips"] == pytest.approx(float((x[i] - truth[i]).abs().mean()), rel=1e-6)
+    assert seen == [(2, 3, 40, 40)]
+    assert set(image_metrics(x[..., :16, :16], truth[..., :16, :16], {"lpips": fake_lpips})[0]) == {"psnr", "ssim"}
+    assert set(image_metrics(x[..., :10, :10], truth[..., :10, :10])[0]) == {"psnr"}
+    assert Metrics(lpips_nets=())(x, truth) == image_metrics(x, truth)

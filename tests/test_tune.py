@@ -107,10 +107,10 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     assert text.startswith("# Tuned by diffpir.cli.tune") and f"best lambda_ = {result.lambda_:g}" in text
     cfg = yaml.safe_load(text)
     assert cfg["data"]["degradation"] == {"task": "denoise", "sigma_n": 0.2}
-    assert cfg["model"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)
+    assert cfg["model"]["method"]["init_args"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)
     cli = build_cli(["--config", str(out)], run=False)
-    assert cli.model.sampler.lambda_ == result.lambda_ and cli.model.sampler.zeta == result.zeta
-    assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.sampler.nfe == 2
+    assert cli.model.method.config()["lambda_"] == result.lambda_ and cli.model.method.config()["zeta"] == result.zeta
+    assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.method.nfe == 2
 
 
 def test_console_script_exits_zero_and_names_itself(tmp_path):

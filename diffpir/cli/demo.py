@@ -4,7 +4,7 @@
 
 For each task (configs/restore/<task>.yaml: Gaussian and motion deblurring, SR x4, box and random inpainting,
 denoising) it runs ``diffpir-restore predict`` on the bundled 256x256 sample photos (``diffpir/assets/samples``),
-then the task's classical baseline through the same CLI (``--model.method classical``: Wiener deconvolution, bicubic
+then the task's classical baseline through the same CLI (``--model.method Classical``: Wiener deconvolution, bicubic
 upsampling, harmonic fill, ...) when that method is available. It writes, under ``--out``:
 
     <task>/restored/*.png, <task>/degraded/*.png, <task>/grid/*.png   (degraded | restored | truth)
@@ -41,7 +41,7 @@ def demo_steps(task: str, steps: int | None = None) -> int:
         return int(steps)
     import yaml
 
-    return int(yaml.safe_load(config_path(task).read_text())["model"]["steps"])
+    return int(yaml.safe_load(config_path(task).read_text())["model"]["method"]["init_args"]["steps"])
 
 
 METRICS = ("psnr", "ssim", "lpips")
@@ -83,9 +83,11 @@ def run_task(
     ]
     if method == "diffpir":
         if steps is not None:
-            args += ["--model.steps", str(steps)]
+            args += ["--model.method.steps", str(steps)]
     else:
-        args += ["--model.method", method]
+        from diffpir.methods import METHODS
+
+        args += ["--model.method", METHODS[method].__name__]
     build_cli(args, run=True)
     return json.loads((out / "summary.json").read_text())
 

@@ -3,7 +3,7 @@
 Usage::
 
     diffpir-restore predict --config configs/restore/deblur_gaussian.yaml
-    diffpir-restore predict --config configs/restore/sr_x4.yaml --model.steps 20 --data.images my/photos
+    diffpir-restore predict --config configs/restore/sr_x4.yaml --model.method.steps 20 --data.images my/photos
     diffpir-restore predict --config configs/restore/inpaint_box.yaml --trainer.devices 4 --trainer.strategy ddp
 
 Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``data``

@@ -34,7 +34,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from diffpir.cli.evaluate import load_batches
+from diffpir.cli.evaluate import load_batches, method_init_args
+from diffpir.methods import DiffPIRMethod
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR, EpsModel
 
@@ -82,7 +83,7 @@ def evaluate(
     from diffpir.metrics import psnr
     from diffpir.restoration.tasks import image_generator
 
-    sampler = DiffPIR(prior.schedule, lambda_=lambda_, zeta=zeta, **(sampler_kwargs or {}))
+    sampler = DiffPIRMethod(lambda_=lambda_, zeta=zeta, **(sampler_kwargs or {}))
     psnrs: list[Tensor] = []
     lpipss: list[Tensor] = []
     for batch in batches:
@@ -171,11 +172,13 @@ def write_config(
     source: str = "",
     prior: str | None = None,
 ) -> Path:
-    """Write ``config`` with ``model.lambda_`` / ``model.zeta`` set to the result (and ``model.prior`` when given) as
-    YAML, with a header recording the search."""
+    """Write ``config`` with ``model.method.init_args.lambda_`` / ``zeta`` set to the result (and ``model.prior``
+    when given) as YAML, with a header recording the search."""
     cfg = yaml.safe_load(yaml.safe_dump(config))  # a deep copy of plain values
     model = cfg.setdefault("model", {})
-    model["lambda_"], model["zeta"] = float(result.lambda_), float(result.zeta)
+    method = model.setdefault("method", {"class_path": "diffpir.methods.DiffPIRMethod"})
+    settings = method.setdefault("init_args", {})
+    settings["lambda_"], settings["zeta"] = float(result.lambda_), float(result.zeta)
     if prior is not None:
         model["prior"] = prior
     rows = sorted(result.table, key=lambda r: (r["lambda_"], r["zeta"]))
@@ -221,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="validation images to use (default 3)")
     p.add_argument("--crop", type=int, default=None, help="centre-crop the images to at most CROP px")
     p.add_argument("--sigma-n", type=float, default=None, help="noise level to tune for (sets data.degradation)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.method.init_args.steps)")
     p.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
     p.add_argument("--zetas", type=float, nargs="+", default=list(DEFAULT_ZETAS))
     p.add_argument("--search", choices=["coordinate", "grid"], default="coordinate")
@@ -252,7 +255,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     if args.sigma_n is not None:
         _set(config, f"data.degradation.sigma_n={args.sigma_n}")
     if args.steps is not None:
-        _set(config, f"model.steps={args.steps}")
+        _set(config, f"model.method.init_args.steps={args.steps}")
     model = config.get("model") or {}
     prior_ref = args.prior if args.prior is not None else model.get("prior", "natural")
     device = torch.device(args.device)
@@ -263,7 +266,8 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         from diffpir.metrics import LPIPSMetric
 
         metric = LPIPSMetric(model.get("lpips_net", "vgg")).to(device)
-    sampler_kwargs = {k: model[k] for k in SAMPLER_KEYS if model.get(k) is not None}
+    settings = method_init_args(config)
+    sampler_kwargs = {k: settings[k] for k in SAMPLER_KEYS if settings.get(k) is not None}
     seed = args.seed if args.seed is not None else int(model.get("seed", 0))
     n = sum(len(b) for b in batches)
     print(f"tuning lambda_ x zeta ({args.search}, {args.objective}) on {n} image(s) of {args.config}", flush=True)
@@ -276,7 +280,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         args.objective,
         sampler_kwargs,
         seed,
-        (float(model.get("lambda_", 7.0)), float(model.get("zeta", 0.3))),
+        (float(settings.get("lambda_", 7.0)), float(settings.get("zeta", 0.3))),
         lpips_metric=metric,
         log=lambda msg: print(msg, flush=True),
     )

@@ -108,7 +108,7 @@ class TrajectoryLogger(Callback):
         idx = [i for i, k in enumerate(batch.keys) if k in self._chosen]
         if not idx:
             return None
-        nfe = pl_module.sampler.nfe
+        nfe = pl_module.method.nfe
         every = self.every
         tags = {i: f"trajectory/{safe_output_name(batch.keys[i])}" for i in idx}
         sel = torch.tensor(idx, device=batch.y.device)
