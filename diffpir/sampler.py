@@ -93,6 +93,15 @@ OUTPUTS: tuple[str, ...] = get_args(Output)
 FEW_STEPS = 20
 
 
+def check_inputs(y: Tensor, op: DataOperator, sigma_n: float) -> None:
+    """The checks every restoration runs first (this sampler and every :class:`~diffpir.methods.Method`):
+    ``op.check(y)`` (a floating ``[N, C, h, w]`` tensor that fits the operator, finite values:
+    :func:`diffpir.operators.base.check_measurement` and the operator's own checks) and ``sigma_n >= 0``, finite."""
+    op.check(y)
+    if not (math.isfinite(sigma_n) and sigma_n >= 0):
+        raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
+
+
 def official_start(op: DataOperator, y: Tensor) -> tuple[Tensor, bool]:
     """The official scripts' image-shaped start ``[N, C, H, W]`` (in [0, 1] units, not clamped) and whether it
     carries ``y``'s noise (then it is diffused from ``t_y``, else treated as clean): ``op.official_start(y)``, or
@@ -279,13 +288,7 @@ class DiffPIR:
         Returns:
             the restored images ``[N, C, H, W]`` in [0, 1] (not clamped beyond the prior's own clipping).
         """
-        if not torch.is_tensor(y) or y.ndim != 4:
-            raise ValueError(f"y must be a tensor of shape [N, C, H, W], got {getattr(y, 'shape', type(y))}")
-        if not torch.is_floating_point(y):
-            raise ValueError(f"y must be a floating-point tensor in [0, 1], got dtype {y.dtype}")
-        if not math.isfinite(sigma_n) or sigma_n < 0:
-            raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
-        op.check(y)  # shapes, channels, batch, non-finite values
+        check_inputs(y, op, sigma_n)
         n = y.shape[0]
         if x_init is None and self.init == "classical":
             raise ValueError(
@@ -411,6 +414,7 @@ __all__ = [
     "Output",
     "Skip",
     "StartFn",
+    "check_inputs",
     "DiffPIR",
     "StepState",
     "EpsModel",

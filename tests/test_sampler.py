@@ -320,3 +320,21 @@ def test_settings_are_written_once_and_round_trip_through_the_methods(sched):
     assert {k: blind.config()[k] for k in DiffPIR.PARAMS} == sampler.config() and blind.config()["kernel_size"] == 9
     with pytest.raises(TypeError, match="stepz"):
         DiffPIRMethod(stepz=3)
+
+
+def test_one_input_check_for_the_sampler_and_every_method(sched, prior, deblur_problem):
+    """Issue 15: the input checks have one home (``sampler.check_inputs``: ``op.check`` and sigma_n); the sampler
+    and every method refuse bad input with the same message."""
+    import re
+
+    from diffpir.methods import METHODS
+    from diffpir.sampler import check_inputs
+
+    _, y, op, _, _ = deblur_problem
+    restorers = [DiffPIR(sched, steps=20), *[cls() for name, cls in METHODS.items() if name != "dpir_ffdnet"]]
+    for bad, sigma_n in ((y[0], 0.05), (y[:1].long(), 0.05), (y[:1], -1.0), (y[:1], float("nan"))):
+        with pytest.raises((ValueError, TypeError)) as ref:
+            check_inputs(bad, op, sigma_n)
+        for restore in restorers:
+            with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
+                restore(bad, op, prior, sigma_n=sigma_n)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
+from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, check_inputs
 
 __all__ = ["Denoiser", "Method", "check_inputs", "eps_denoiser", "prior_denoiser", "schedule_of"]
 
@@ -80,17 +80,6 @@ class Method(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
-
-
-def check_inputs(y: Tensor, op: DataOperator, sigma_n: float) -> None:
-    """The checks every method runs first: a floating ``[N, C, h, w]`` tensor that fits ``op``, ``sigma_n >= 0``."""
-    if not torch.is_tensor(y) or y.ndim != 4:
-        raise ValueError(f"y must be a tensor of shape [N, C, H, W], got {getattr(y, 'shape', type(y))}")
-    if not torch.is_floating_point(y):
-        raise ValueError(f"y must be a floating-point tensor in [0, 1], got dtype {y.dtype}")
-    if not (math.isfinite(sigma_n) and sigma_n >= 0):
-        raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
-    op.check(y)
 
 
 def schedule_of(prior: Any, method: str):
