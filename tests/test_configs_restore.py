@@ -109,3 +109,68 @@ def test_one_step_from_pure_noise_is_refused_by_the_cli(prior_file, tmp_path, mo
     err = capsys.readouterr().err
     assert "evaluates the prior once, on pure noise" in err and "--model.method.init classical" in err
     assert not (tmp_path / "o" / "restored").exists()
+
+
+# -- the configs ship with the package (issue 15) ------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_subpackage_and_maps_the_configs():
+    """pyproject.toml lists the packages explicitly (for the configs/ -> diffpir.configs mapping): every folder of
+    diffpir/ holding Python files must be in the list, or a wheel would silently lack it."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(tool["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffpir").rglob("*.py")}
+    assert folders <= packages, sorted(folders - packages)
+    assert tool["package-dir"] == {"diffpir.configs": "configs"}
+    for kind in ("restore", "train"):
+        assert f"diffpir.configs.{kind}" in packages and any((ROOT / "configs" / kind).glob("*.yaml"))
+
+
+@pytest.mark.slow  # builds a wheel (about a minute)
+def test_a_wheel_install_finds_the_configs_without_the_checkout(tmp_path):
+    import subprocess
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    wheel = zipfile.ZipFile(next(tmp_path.glob("diffpir-*.whl")))
+    names = set(wheel.namelist())
+    for cfg in CONFIGS:
+        assert f"diffpir/configs/restore/{cfg.name}" in names
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    code = (
+        "from diffpir.cli.common import config_dir; from diffpir.cli.demo import config_path; "
+        "from diffpir.cli.evaluate import task_config; "
+        "print(config_dir()); print(config_path('denoise')); print(task_config('sr_x4')['model']['method'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(site / "diffpir" / "configs" / "restore") and lines[1].startswith(lines[0])
+    assert "DiffPIRMethod" in lines[2]

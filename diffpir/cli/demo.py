@@ -47,13 +47,12 @@ def demo_steps(task: str, steps: int | None = None) -> int:
 METRICS = ("psnr", "ssim", "lpips")
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def config_path(task: str) -> Path:
-    """The task's fast config, ``configs/restore/<task>_fast.yaml`` (the settings the demo runs)."""
-    path = repo_root() / "configs" / "restore" / f"{task}_fast.yaml"
+    """The task's fast config, ``configs/restore/<task>_fast.yaml`` (the settings the demo runs; the packaged copy
+    in a wheel install, :func:`diffpir.cli.common.config_dir`)."""
+    from diffpir.cli.common import config_dir
+
+    path = config_dir("restore") / f"{task}_fast.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no restoration config for task {task!r} at {path}")
     return path

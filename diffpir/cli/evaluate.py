@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from diffpir.cli.common import config_dir
 from diffpir.methods.base import Method
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR
@@ -40,7 +41,7 @@ __all__ = [
     "task_config",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "restore"
+CONFIG_DIR = config_dir("restore")  # the repository's configs/restore, or the packaged copy (a wheel install)
 
 # Per-task defaults of the baselines, from their papers' / official code's settings.
 _DPS_SCALE = {"blur": 0.3, "sr": 0.3, "inpaint": 0.5, "denoise": 0.3}  # DPS configs (gaussian/motion deblur, SR: 0.3)
