@@ -79,6 +79,17 @@ def test_tune_rejects_bad_arguments(problem):
         run(["--config", str(CONFIGS / "denoise.yaml"), "--out", "x.yaml", "--set", "model.steps"])
 
 
+def test_a_typo_in_the_config_fails_as_in_the_restoration_cli(tmp_path, capsys):
+    """Issue 15: diffpir-tune builds the config through diffpir-restore's parser (before, unknown keys were
+    ignored): a setting the method does not take and an unknown data key fail with the key named, status 2."""
+    base = ["--config", str(CONFIGS / "denoise.yaml"), "--out", str(tmp_path / "x.yaml")]
+    for typo, key in (("model.method.init_args.stepz=3", "stepz"), ("data.degradation.sigma_nn=0.1", "sigma_nn")):
+        with pytest.raises(SystemExit) as info:
+            run([*base, "--set", typo])
+        assert info.value.code == 2 and key in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_default_grid_spans_the_documented_ranges():
     assert DEFAULT_LAMBDAS[0] == 1.0 and DEFAULT_LAMBDAS[-1] == 50.0 and len(DEFAULT_LAMBDAS) == 8
     assert np.allclose(np.diff(np.log(DEFAULT_LAMBDAS)), np.log(50) / 7, rtol=0.01)

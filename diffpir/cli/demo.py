@@ -21,7 +21,6 @@ restored.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -159,7 +158,9 @@ def table(results: dict[tuple[str, str], dict]) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Restore the bundled sample photos for every paper task.")
+    from jsonargparse import ArgumentParser
+
+    ap = ArgumentParser(prog="diffpir-demo", description="Restore the bundled sample photos for every paper task.")
     ap.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     ap.add_argument("--prior", default="natural", help="a bundled prior name or a prior file (default: natural)")
     ap.add_argument(

@@ -21,9 +21,9 @@ bundled sample photos' source).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
 from diffpir.cli.evaluate import load_batches, method_init_args
@@ -45,6 +46,7 @@ __all__ = [
     "TuneResult",
     "evaluate",
     "load_batches",
+    "check_config",
     "main",
     "run",
     "tune",
@@ -197,6 +199,21 @@ def write_config(
     return out
 
 
+def check_config(config: dict[str, Any], prior: str) -> None:
+    """Parse and build ``config`` (with ``model.prior = prior``) through ``diffpir-restore``'s parser, so that a
+    typo (an unknown key, a wrong type, a setting the method does not take) fails here as it would there: the
+    message names the key, exit status 2."""
+    from unittest import mock
+
+    from diffpir.cli.restore import build_cli
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(sys, "argv", sys.argv[:1]):
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        checks = ["--model.prior", prior, "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+        build_cli(["--config", str(path), *checks, "--writer.output_dir", tmp], run=False)
+
+
 def _set(config: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a nested config dict."""
     if "=" not in assignment:
@@ -211,12 +228,8 @@ def _set(config: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="diffpir-tune",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="diffpir-tune", description=__doc__.splitlines()[0], default_env=False)
     p.add_argument("--config", required=True, help="the task's restoration config (configs/restore/<task>.yaml)")
     p.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
     p.add_argument("--prior", default=None, help="prior file or bundled name (default: the config's model.prior)")
@@ -258,6 +271,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         _set(config, f"model.method.init_args.steps={args.steps}")
     model = config.get("model") or {}
     prior_ref = args.prior if args.prior is not None else model.get("prior", "natural")
+    check_config(config, str(prior_ref))
     device = torch.device(args.device)
     prior = load_prior(prior_ref, preset=model.get("preset")).to(device)
     batches = [b.to(device) for b in load_batches(config, args.images, args.limit, args.crop, prior.in_channels)]
