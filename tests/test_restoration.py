@@ -382,11 +382,14 @@ def test_rerun_skips_done_images_without_sampling(prior_file, images, tmp_path):
     out = tmp_path / "out"
     _predict(str(prior_file), images, out)
     first = (out / "restored" / "img1.png").read_bytes()
-    module, _, _ = _predict(str(prior_file), images, out)
-    assert module.images_sampled == 0
+    (out / "summary.json").unlink()
+    module, _, trainer = _predict(str(prior_file), images, out)
+    assert module.images_sampled == 0 and len(trainer.datamodule.dataset) == 0  # the data module left all out
+    assert json.loads((out / "summary.json").read_text())["count"] == 5  # merged although nothing ran
     (out / "restored" / "img1.png").unlink()
-    module, _, _ = _predict(str(prior_file), images, out)
-    assert module.images_sampled == 1
+    module, _, trainer = _predict(str(prior_file), images, out)
+    assert module.images_sampled == 1 and trainer.datamodule.dataset.keys == ["img1"]
+    assert len(trainer.datamodule.keys) == 5  # every requested image, for the merge
     assert (out / "restored" / "img1.png").read_bytes() == first
     rows = _csv(out / "metrics.csv")
     assert sorted(r["key"] for r in rows) == [f"img{i}" for i in range(5)]  # no duplicates, none lost
@@ -546,3 +549,18 @@ def test_image_metrics_is_the_one_per_image_metric_of_module_and_benchmarks():
     assert set(image_metrics(x[..., :16, :16], truth[..., :16, :16], {"lpips": fake_lpips})[0]) == {"psnr", "ssim"}
     assert set(image_metrics(x[..., :10, :10], truth[..., :10, :10])[0]) == {"psnr"}
     assert Metrics(lpips_nets=())(x, truth) == image_metrics(x, truth)
+
+
+def test_done_images_are_left_out_before_the_ranks_split_the_rest(images):
+    """Issue 15: on a resume the data module drops done images in setup, so a DistributedSampler gives every rank a
+    share of what is left (before, one rank could get only finished images and restore nothing)."""
+    from torch.utils.data import DistributedSampler
+
+    dm = RestorationDataModule(str(images), degradation=_spec(), channels=3)
+    dm.setup("predict")
+    dm.skip_done(lambda key: key not in ("img3", "img4"))
+    assert dm.dataset.keys == ["img3", "img4"] and dm.keys == [f"img{i}" for i in range(5)]
+    shares = [list(DistributedSampler(dm.dataset, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert shares == [[0], [1]]
+    dm.setup("predict")  # a later setup applies it again
+    assert dm.dataset.keys == ["img3", "img4"]

@@ -88,9 +88,10 @@ class RestorationModule(L.LightningModule):
 
     ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
     ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and
-    ``seconds`` (the batch's sampling time per image). Images a writer reports done are skipped unsampled. An image
-    whose restoration holds NaN or infinite values (a diverging sampler) is returned as a failure (``key``,
-    ``error``) instead, so it is listed in ``failed.json``, makes the exit status non-zero and is retried on a rerun.
+    ``seconds`` (the batch's sampling time per image). Images a writer reports done never reach it (the data module
+    leaves them out). An image whose restoration holds NaN or infinite values (a diverging sampler) is returned as a
+    failure (``key``, ``error``) instead, so it is listed in ``failed.json``, makes the exit status non-zero and is
+    retried on a rerun.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class RestorationModule(L.LightningModule):
         self.seed = int(seed)
         self.show_steps = show_steps
         self.images_sampled = 0  # images run through the sampler by this process (skipped ones excluded)
+        self.step_hooks: list[Callable[[RestorationBatch], StepHook | None]] = []  # see add_step_hook
         self.__dict__["_lpips_metric"] = None  # not a submodule: kept out of state_dict and hparams
 
     @property
@@ -170,22 +172,15 @@ class RestorationModule(L.LightningModule):
         return [{k: float(v[i]) for k, v in values.items()} for i in range(x.shape[0])]
 
     # -- prediction -------------------------------------------------------------------------------------------
-    def _done_checks(self) -> list[Callable[[str], bool]]:
-        trainer = self._trainer
-        if trainer is None:
-            return []
-        return [cb.is_done for cb in trainer.callbacks if callable(getattr(cb, "is_done", None))]
+    def add_step_hook(self, make: Callable[[RestorationBatch], StepHook | None]) -> None:
+        """Register ``make(batch) -> hook or None``: each sampled batch's hook is called with every step's
+        :class:`~diffpir.sampler.StepState` (e.g. :class:`~diffpir.restoration.TrajectoryLogger` registers one in
+        its ``setup``)."""
+        if make not in self.step_hooks:
+            self.step_hooks.append(make)
 
     def _step_hooks(self, batch: RestorationBatch) -> list[StepHook]:
-        trainer = self._trainer
-        hooks: list[StepHook] = []
-        if trainer is not None:
-            for cb in trainer.callbacks:
-                make = getattr(cb, "sampler_callback", None)
-                hook = make(self, batch) if callable(make) else None
-                if hook is not None:
-                    hooks.append(hook)
-        return hooks
+        return [hook for hook in (make(batch) for make in self.step_hooks) if hook is not None]
 
     def _stop_requested(self) -> bool:
         """Whether the process got SIGTERM (Lightning's signal connector records it and lets the run go on)."""
@@ -195,21 +190,17 @@ class RestorationModule(L.LightningModule):
     def predict_step(
         self, batch: RestorationBatch | Sequence[RestorationBatch], batch_idx: int = 0, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        """Restore every image of ``batch`` (one or several size groups) not yet done; one dict per image."""
+        """Restore every image of ``batch`` (one or several size groups; the data module has left out the images
+        the writer reports done); one dict per image."""
         if self._stop_requested():
             raise StopRequested("SIGTERM")
         groups = [batch] if isinstance(batch, RestorationBatch) else list(batch)
-        done = self._done_checks()
         out: list[dict[str, Any]] = []
         for group in groups:
             if out and self._stop_requested():
                 break  # the groups restored so far are written; the next predict_step stops the run
-            todo = [i for i, k in enumerate(group.keys) if not any(check(k) for check in done)]
-            if not todo:
-                continue
-            if len(todo) < len(group):
-                group = group.select(todo)
-            out.extend(self._restore_or_split(group))
+            if len(group):  # an image-less group carries only failures (the writer records them)
+                out.extend(self._restore_or_split(group))
         return out
 
     def _restore_or_split(self, batch: RestorationBatch) -> list[dict[str, Any]]:
