@@ -657,7 +657,7 @@ def test_rerun_with_other_settings_is_refused_and_records_stay_true(prior_file, 
     assert _main(args + ["--data.batch_size", "3"]) == 0
     assert {p.name: p.read_bytes() for p in (out / "restored").iterdir()} == pngs
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 3 and summary["settings"]["model"]["lambda_"] == 7.0
+    assert summary["count"] == 3 and summary["settings"]["model"]["method"]["init_args"]["lambda_"] == 7.0
 
 
 def test_a_changed_prior_file_is_other_settings(tiny_net, tmp_path):

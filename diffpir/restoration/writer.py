@@ -486,7 +486,11 @@ class RestorationWriter(BasePredictionWriter):
         """Tell the data module which images are done (:meth:`is_done`), so that it leaves them out before the
         images are split among the ranks (every rank runs this after the data module's setup, before any writes)."""
         self._started = False
-        if stage == "predict" and isinstance(trainer.datamodule, RestorationDataModule):
+        if stage != "predict":
+            return
+        # the folder's settings first: a run with other settings is refused even when every image looks done
+        self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
+        if isinstance(trainer.datamodule, RestorationDataModule):
             trainer.datamodule.skip_done(self.is_done)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -496,12 +500,12 @@ class RestorationWriter(BasePredictionWriter):
             self._merge(trainer, pl_module)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the folder (no linked sub-folders, the same settings as its outputs), then remove the temporary files
-        killed runs left (rank 0, before any rank writes) and read which images have their metrics row."""
+        """Check the folder (no linked sub-folders; its settings were checked in :meth:`setup`), then remove the
+        temporary files killed runs left (rank 0, before any rank writes) and read which images have their metrics
+        row."""
         self._started = True
         for sub in SUBDIRS:
             _refuse_link(self.output_dir / sub)
-        self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
         if trainer.is_global_zero:
             for p in remove_temp_files(self.output_dir, SUBDIRS):
                 log.info("removed %s, left by an interrupted run", p)
