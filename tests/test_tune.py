@@ -140,7 +140,7 @@ def test_console_script_exits_zero_and_names_itself(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert yaml.safe_load(out.read_text())["model"]["lambda_"] == 5.0
+    assert yaml.safe_load(out.read_text())["model"]["method"]["init_args"]["lambda_"] == 5.0
     assert "best: lambda_ = 5" in res.stdout
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and res.stdout.startswith("usage: diffpir-tune ") and "python -m" not in res.stdout
