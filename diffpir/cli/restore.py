@@ -76,6 +76,8 @@ class RestoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
         parser.add_lightning_class_args(TrajectoryLogger, "trajectory")
+        # without a config, DiffPIR with the sampler's defaults (so that --model.method.steps 20 alone works)
+        parser.set_defaults({"model.method": {"class_path": "diffpir.methods.DiffPIRMethod"}})
         # the data's channels are the prior's (1 or 3), known once the module has loaded it
         parser.link_arguments("model", "data.channels", compute_fn=_prior_channels, apply_on="instantiate")
 
