@@ -55,9 +55,9 @@ from diffpir.operators import BlindBlur, Blur  # noqa: E402
 from diffpir.prepare import EVAL_SOURCES, NATURAL_VAL  # noqa: E402
 from diffpir.priorfile import load_prior  # noqa: E402
 from diffpir.restoration.tasks import Degradation, degrade, image_generator, synthesize_params  # noqa: E402
+from diffpir.sampler import DiffPIR  # noqa: E402
 
 CONFIG = ROOT / "configs" / "restore" / "deblur_blind.yaml"
-SAMPLER_KEYS = ("steps", "lambda_", "zeta", "skip", "t_start", "eta", "guidance_scale", "clip_denoised", "init")
 ROWS = ("blurred", "wiener_oracle", "blind_diffpir", "wiener_estimated", "diffpir_true_kernel")
 ALIGN = 4
 
@@ -128,13 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     model, deg = cfg["model"], cfg["data"]["degradation"]
-    sampler_args = {k: model[k] for k in SAMPLER_KEYS if k in model}
+    # model.method.init_args (and --method-args): the sampler's settings apply to both DiffPIR rows
+    method_args = {**model["method"]["init_args"], **json.loads(args.method_args)}
+    sampler_args = {k: method_args.pop(k) for k in DiffPIR.PARAMS if k in method_args}
     if args.steps is not None:
         sampler_args["steps"] = args.steps
-    method_args = {**(model.get("method_args") or {}), **json.loads(args.method_args)}
-    for k in SAMPLER_KEYS:  # sampler settings given in --method-args apply to both DiffPIR rows
-        if k in method_args:
-            sampler_args[k] = method_args.pop(k)
     spec = Degradation(**deg)
     prior = load_prior(args.prior)
     blind = BlindDiffPIR(**sampler_args, **method_args)

@@ -102,6 +102,7 @@ def _write_photo(folder: Path, sample: str, size: int) -> Path:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from diffpir.methods import DiffPIRMethod
     from diffpir.models import build_unet
     from diffpir.prior import Prior
     from diffpir.priorfile import load_prior
@@ -122,7 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
     tiled = args.worker == "tiled"
     module = RestorationModule(
         prior,
-        steps=args.steps,
+        method=DiffPIRMethod(steps=args.steps),
         lpips=False,
         tile_size=args.tile if tiled else None,
         tile_overlap=args.overlap,

@@ -69,6 +69,7 @@ def _write_images(folder: Path, n: int, size: int) -> None:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from diffpir.methods import DiffPIRMethod
     from diffpir.models import build_unet
     from diffpir.prior import Prior
     from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
@@ -83,7 +84,9 @@ def worker(args: argparse.Namespace) -> dict:
     spec = Degradation(task=args.task, kernel_size=kernel, sigma_n=0.05)
 
     def run(images: Path, out: Path, bs: int) -> float:
-        module = RestorationModule(prior, steps=args.steps, lpips=False, prior_precision=args.precision)
+        module = RestorationModule(
+            prior, method=DiffPIRMethod(steps=args.steps), lpips=False, prior_precision=args.precision
+        )
         data = RestorationDataModule(str(images), degradation=spec, batch_size=bs)
         trainer = quiet_trainer(accelerator=args.device, callbacks=[RestorationWriter(str(out))])
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from diffpir.weights import LPIPSNet, LPIPSWeightsUnavailable, _check_net, lpips_available, provision_lpips_weights
 
 __all__ = [
+    "image_metrics",
     "LPIPSMetric",
     "LPIPSWeightsUnavailable",  # re-exported from diffpir.weights: what LPIPSMetric raises
     "lpips_available",  # re-exported from diffpir.weights: whether LPIPSMetric can be built
@@ -94,6 +96,24 @@ def ssim(x: Tensor, y: Tensor, border: int = 0, strip_pixels: int = 2**18) -> Te
         )
         total += full[..., start - lo : stop - lo, :].sum(dim=(1, 2, 3))
     return total / (c * h * w)
+
+
+@torch.no_grad()
+def image_metrics(
+    x: Tensor, truth: Tensor, lpips: dict[str, Callable[[Tensor, Tensor], Tensor]] | None = None
+) -> list[dict[str, float]]:
+    """Per-image metrics of ``x`` against ``truth`` (``[N, C, H, W]`` in [0, 1]), one dict per image:
+    ``psnr`` and ``ssim`` on uint8-quantised images (:func:`psnr`, :func:`ssim`; SSIM from 11 px, its window), and
+    each of ``lpips`` (name -> an LPIPS metric such as :class:`LPIPSMetric`) from 32 px (the backbones pool 4-5
+    times), grey images repeated to RGB. Used by the restoration module and the benchmarks alike."""
+    values: dict[str, Tensor] = {"psnr": psnr(x, truth)}
+    if min(truth.shape[-2:]) >= 11:
+        values["ssim"] = ssim(x, truth)
+    if lpips and min(truth.shape[-2:]) >= 32:
+        a, b = (x, truth) if x.shape[1] == 3 else (x.expand(-1, 3, -1, -1), truth.expand(-1, 3, -1, -1))
+        for name, metric in lpips.items():
+            values[name] = metric(a, b)
+    return [{k: float(v[i]) for k, v in values.items()} for i in range(truth.shape[0])]
 
 
 # --------------------------------------------------------------------------------------------------------

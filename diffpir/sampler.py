@@ -17,11 +17,12 @@ yuanzhi-zhu/DiffPIR) are reproduced by ``init="official"`` and ``output="iterate
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args, get_type_hints
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ from diffpir.schedule import NoiseSchedule
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+# A start computed from the measurement: ``(y, op, sigma_n) -> x`` in [0, 1], image-shaped (see DiffPIR.__call__).
+StartFn = Callable[[Tensor, "DataOperator", float], Tensor]
 
 
 class DataOperator(Protocol):
@@ -80,10 +83,23 @@ def randn(shape: torch.Size | Sequence[int], generator: GeneratorArg, like: Tens
     ).to(like.device)
 
 
-INITS = ("auto", "noise", "measurement", "classical", "official")
-OUTPUTS = ("x0_pred", "x0_hat", "iterate")
+# The sampler's choices, spelled once (the methods that wrap the sampler take its signature, see DiffPIRMethod).
+Skip = Literal["quad", "uniform"]
+Init = Literal["auto", "noise", "measurement", "classical", "official"]
+Output = Literal["x0_pred", "x0_hat", "iterate"]
+INITS: tuple[str, ...] = get_args(Init)
+OUTPUTS: tuple[str, ...] = get_args(Output)
 # Below this many steps a start from pure noise (t_start = T - 1) is far from converged (docs/restoration.md).
 FEW_STEPS = 20
+
+
+def check_inputs(y: Tensor, op: DataOperator, sigma_n: float) -> None:
+    """The checks every restoration runs first (this sampler and every :class:`~diffpir.methods.Method`):
+    ``op.check(y)`` (a floating ``[N, C, h, w]`` tensor that fits the operator, finite values:
+    :func:`diffpir.operators.base.check_measurement` and the operator's own checks) and ``sigma_n >= 0``, finite."""
+    op.check(y)
+    if not (math.isfinite(sigma_n) and sigma_n >= 0):
+        raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
 
 
 def official_start(op: DataOperator, y: Tensor) -> tuple[Tensor, bool]:
@@ -119,10 +135,11 @@ class DiffPIR:
         init: ``"noise"`` starts from pure noise at ``t_start``; ``"measurement"`` diffuses
             ``op.initial_estimate(y)`` (clamped to [0, 1]: ``y``, the bicubic upsampling, the mean-filled image) to
             ``t_start`` as ``x`` at ``t_y``, the timestep whose ``sigma_bar`` is nearest ``2 sigma_n`` (the noise
-            ``y`` already has), adding only the missing noise; ``"classical"`` diffuses the classical baseline's
-            restoration (:class:`~diffpir.methods.Classical`: Wiener deconvolution, harmonic fill, bicubic
-            upsampling or SURE smoothing, by operator), a better start than ``y`` itself that suits a lower
-            ``t_start`` (the fast recipe, ``configs/restore/*_fast.yaml``); ``"official"`` starts as the official
+            ``y`` already has), adding only the missing noise; ``"classical"`` diffuses a classical restoration
+            that the caller gives as ``x_init`` (the sampler knows no task; :class:`~diffpir.methods.DiffPIRMethod`
+            passes the classical baseline's: Wiener deconvolution, harmonic fill, bicubic upsampling or SURE
+            smoothing, by operator), a better start than ``y`` itself that suits a lower ``t_start`` (the fast
+            recipe, ``configs/restore/*_fast.yaml``); ``"official"`` starts as the official
             scripts do, at any ``t_start`` including ``T - 1``: ``y`` unclamped from ``t_y`` (deblurring,
             denoising), ``y`` with the missing pixels at 0 from ``t_y`` (inpainting), the unclamped bicubic
             upsampling of ``y`` as a clean image (super-resolution; see ``op.official_start``). ``"auto"``
@@ -142,19 +159,23 @@ class DiffPIR:
             docs/reliability.md gives the measured size of that difference.
     """
 
+    # The hyper-parameters by name, in signature order (all but ``schedule``; set below the class, from __init__).
+    PARAMETERS: ClassVar[dict[str, inspect.Parameter]]
+    PARAMS: ClassVar[tuple[str, ...]]
+
     def __init__(
         self,
         schedule: NoiseSchedule,
         steps: int = 100,
         lambda_: float = 7.0,
         zeta: float = 0.3,
-        skip: Literal["quad", "uniform"] = "quad",
+        skip: Skip = "quad",
         t_start: int | None = None,
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical", "official"] = "auto",
-        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
+        init: Init = "auto",
+        output: Output = "x0_pred",
         batch_invariant: bool = False,
     ):
         if not 0.0 <= zeta <= 1.0:
@@ -183,28 +204,14 @@ class DiffPIR:
         self.timesteps = schedule.timesteps(steps, skip, self.t_start)
         self._check_step_count()
 
-    # The hyper-parameters, in signature order: what config() returns and what wrappers and configs pass on.
-    PARAMS = (
-        "steps",
-        "lambda_",
-        "zeta",
-        "skip",
-        "t_start",
-        "eta",
-        "guidance_scale",
-        "clip_denoised",
-        "init",
-        "output",
-        "batch_invariant",
-    )
-
     def _check_step_count(self) -> None:
         """Refuse one step from pure noise; warn, with the fix, when few steps start from pure noise."""
         if self.t_start < self.schedule.T - 1:
             return
         fast = (
             "configs/restore/<task>_fast.yaml, or a late start from the classical restoration: "
-            "init='classical', t_start=400, zeta=1.0 (--model.init classical --model.t_start 400 --model.zeta 1.0)"
+            "init='classical', t_start=400, zeta=1.0 (--model.method.init classical --model.method.t_start 400 "
+            "--model.method.zeta 1.0)"
         )
         if len(self.timesteps) < 2:
             raise ValueError(
@@ -224,14 +231,14 @@ class DiffPIR:
         """The hyper-parameters (:attr:`PARAMS`) as given to the constructor (``t_start`` resolved)."""
         return {k: getattr(self, k) for k in self.PARAMS}
 
-    def initial_estimate(self, y: Tensor, op: DataOperator, sigma_n: float) -> Tensor:
-        """The image-shaped start in [0, 1] that ``init`` diffuses to ``t_start``: ``op.initial_estimate(y)``, or
-        with ``init="classical"`` the classical baseline's restoration."""
-        if self.init == "classical":
-            from diffpir.methods.classical import Classical  # noqa: PLC0415 (baselines build on the sampler)
-
-            return Classical()(y, op, None, sigma_n).clamp(0, 1).to(y.dtype)
-        return op.initial_estimate(y)
+    @classmethod
+    def settings(cls, given: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every hyper-parameter (:attr:`PARAMS`): ``given``, else ``defaults``, else the constructor's default.
+        Raises ``TypeError`` naming a key that is not one (as a call with an unknown keyword would)."""
+        unknown = sorted(set(given) - set(cls.PARAMS))
+        if unknown:
+            raise TypeError(f"unexpected sampler setting(s) {unknown}; the settings are {list(cls.PARAMS)}")
+        return {name: given.get(name, (defaults or {}).get(name, cls.PARAMETERS[name].default)) for name in cls.PARAMS}
 
     def __repr__(self) -> str:
         return (
@@ -260,7 +267,7 @@ class DiffPIR:
         sigma_n: float = 0.05,
         generator: GeneratorArg = None,
         callback: Callable[[StepState], None] | None = None,
-        x_init: Tensor | None = None,
+        x_init: Tensor | StartFn | None = None,
     ) -> Tensor:
         """Restore ``x`` from ``y = H(x) + n``.
 
@@ -274,19 +281,21 @@ class DiffPIR:
                 noise does not depend on the batch: its result equals its result alone bitwise with
                 ``batch_invariant``, to round-off without).
             callback: called after each step with a :class:`StepState` of the whole batch.
-            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing the ``init`` estimate, taken as clean.
+            x_init: optional start ``x`` in [0, 1] (image-shaped) replacing the ``init`` estimate, taken as clean;
+                or a function ``x_init(y, op, sigma_n)`` giving it (called per image with ``batch_invariant``).
+                ``init="classical"`` needs one (the caller's classical restoration: :class:`~diffpir.methods.
+                DiffPIRMethod` passes it; the sampler itself knows no task).
         Returns:
             the restored images ``[N, C, H, W]`` in [0, 1] (not clamped beyond the prior's own clipping).
         """
-        if not torch.is_tensor(y) or y.ndim != 4:
-            raise ValueError(f"y must be a tensor of shape [N, C, H, W], got {getattr(y, 'shape', type(y))}")
-        if not torch.is_floating_point(y):
-            raise ValueError(f"y must be a floating-point tensor in [0, 1], got dtype {y.dtype}")
-        if not math.isfinite(sigma_n) or sigma_n < 0:
-            raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
-        op.check(y)  # shapes, channels, batch, non-finite values
+        check_inputs(y, op, sigma_n)
         n = y.shape[0]
-        if x_init is not None and x_init.shape != op.x_shape(y.shape):
+        if x_init is None and self.init == "classical":
+            raise ValueError(
+                "init='classical' starts from a classical restoration, which the sampler does not compute: pass it "
+                "as x_init (a tensor or a function of (y, op, sigma_n)), or use diffpir.methods.DiffPIRMethod"
+            )
+        if torch.is_tensor(x_init) and x_init.shape != op.x_shape(y.shape):
             raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(op.x_shape(y.shape))}")
         if self.batch_invariant and n > 1:
             # Each image alone: its own (contiguous, freshly allocated) tensors, operator and generator.
@@ -298,7 +307,7 @@ class DiffPIR:
                     y[i : i + 1].clone(),
                     select_image(op, i),
                     [generator[i]] if per_gen else generator,
-                    None if x_init is None else x_init[i : i + 1].clone(),
+                    x_init[i : i + 1].clone() if torch.is_tensor(x_init) else x_init,
                 )
                 for i in range(n)
             ]
@@ -346,7 +355,7 @@ class DiffPIR:
         return (x + 1) / 2
 
     def _start(
-        self, y: Tensor, op: DataOperator, sigma_n: float, generator: GeneratorArg, x_init: Tensor | None
+        self, y: Tensor, op: DataOperator, sigma_n: float, generator: GeneratorArg, x_init: Tensor | StartFn | None
     ) -> Tensor:
         """3. The start at ``t_start`` on the [-1, 1] scale: pure noise, or an image-shaped estimate diffused."""
         sched = self.schedule
@@ -357,14 +366,12 @@ class DiffPIR:
         init = self.init if self.init != "auto" else ("measurement" if t0 < sched.T - 1 else "noise")
         if init == "noise" and x_init is None:
             return noise
-        if x_init is not None:  # a given start is taken as clean
-            est, noisy = x_init, False
+        if x_init is not None:  # a given start (init="classical": the caller's restoration) is taken as clean
+            est, noisy = (x_init(y, op, sigma_n) if callable(x_init) else x_init), False
         elif init == "official":
             est, noisy = official_start(op, y)
-        elif init == "measurement":
+        else:  # measurement
             est, noisy = op.initial_estimate(y), True
-        else:  # classical: a restoration, taken as clean
-            est, noisy = self.initial_estimate(y, op, sigma_n), False
         if est.shape != x_shape:
             raise ValueError(f"the start has shape {tuple(est.shape)}, expected {tuple(x_shape)}")
         if noisy:
@@ -391,10 +398,23 @@ class DiffPIR:
         return x
 
 
+# The hyper-parameters, in signature order (all but ``schedule``): what config() returns and wrappers pass on.
+# Annotations resolved to types, so that signatures derived from these (DiffPIRMethod's) are read alike anywhere.
+_hints = get_type_hints(DiffPIR.__init__)
+DiffPIR.PARAMETERS = {
+    name: p.replace(annotation=_hints[name]) for name, p in list(inspect.signature(DiffPIR).parameters.items())[1:]
+}
+DiffPIR.PARAMS = tuple(DiffPIR.PARAMETERS)
+
 __all__ = [
     "FEW_STEPS",
     "INITS",
     "OUTPUTS",
+    "Init",
+    "Output",
+    "Skip",
+    "StartFn",
+    "check_inputs",
     "DiffPIR",
     "StepState",
     "EpsModel",

@@ -257,11 +257,11 @@ def _restore_exe() -> str:
 
 
 FAST = [
-    "--model.steps",
+    "--model.method.steps",
     "2",
     "--model.lpips",
     "false",
-    "--model.method_args.init_iterations",
+    "--model.method.init_iterations",
     "2",
     "--data.degradation.kernel_size",
     "9",
@@ -306,7 +306,7 @@ def test_cli_benchmark_mode(prior_file, tmp_path):
     ncc = [float(r.split(",")[header.index("kernel_ncc")]) for r in rows[1:]]
     assert all(0 < v <= 1 + 1e-9 for v in ncc)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 2 and summary["settings"]["model"]["method"] == "blind_diffpir"
+    assert summary["count"] == 2 and summary["settings"]["model"]["method"]["class_path"].endswith("BlindDiffPIR")
     # the kernel estimate per logged step in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

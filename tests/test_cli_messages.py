@@ -87,17 +87,27 @@ def test_predict_help_is_short_and_described(capsys):
     flat = " ".join(out.split())  # help wraps lines
     for option, words in [
         ("--model.prior PRIOR", "a prior file"),
-        ("--model.steps STEPS", "number of sampler steps"),
-        ("--model.lambda_ LAMBDA_", "weight of the data term"),
-        ("--model.zeta ZETA", "the share of fresh noise"),
-        ("--model.t_start T_START", "first timestep"),
-        ("--model.eta ETA", "DDIM stochasticity"),
-        ("--model.guidance_scale GUIDANCE_SCALE", "x0_pred + s"),
-        ("--model.init {auto,noise,measurement,classical,official}", "the start"),
-        ("--model.output {x0_pred,x0_hat,iterate}", "what is returned"),
-        ("--model.batch_invariant {true,false}", "run each image"),
+        ("--model.method METHOD", "the restoration method"),
     ]:
         described = flat.split(f"  {option} ".strip(), 2)  # usage line, then the described entry
+        assert len(described) == 3 and words in described[2][:160], option
+    # the method's settings: --model.method.help <class>, described by the sampler's docstring (written once)
+    with pytest.raises(SystemExit) as info:
+        restore_main(["predict", "--model.method.help", "DiffPIRMethod"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    for option, words in [
+        ("--model.method.steps STEPS", "number of sampling steps"),
+        ("--model.method.lambda_ LAMBDA_", "weight of the data term"),
+        ("--model.method.zeta ZETA", "share of fresh noise"),
+        ("--model.method.t_start T_START", "first timestep"),
+        ("--model.method.eta ETA", "DDIM stochasticity"),
+        ("--model.method.guidance_scale GUIDANCE_SCALE", "x0_pred + s"),
+        ("--model.method.init {auto,noise,measurement,classical,official}", "starts from pure noise"),
+        ("--model.method.output {x0_pred,x0_hat,iterate}", "what the last step returns"),
+        ("--model.method.batch_invariant {true,false}", "run every image on its own"),
+    ]:
+        described = flat.split(f"  {option} ".strip(), 2)
         assert len(described) == 3 and words in described[2][:160], option
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,8 +32,8 @@ def test_config_instantiates(config, prior_file, tmp_path):
     spec = cli.datamodule.degradation
     fast = config.stem.endswith("_fast")
     assert spec.task == config.stem.removesuffix("_fast")
-    hp = cli.model.hparams
-    sampler = cli.model.sampler
+    hp = SimpleNamespace(**cli.model.hparams.method["init_args"])  # the method's settings
+    sampler = cli.model.method.sampler
     assert sampler.nfe == hp.steps and sampler.lambda_ == hp.lambda_ and sampler.zeta == hp.zeta
     assert hp.skip == "quad" and hp.eta == 0.0
     if fast:  # the fast recipe: a late start from the classical restoration, fresh noise only
@@ -40,7 +41,7 @@ def test_config_instantiates(config, prior_file, tmp_path):
         assert hp.output == ("x0_hat" if spec.family == "inpaint" else "x0_pred")
         return
     if spec.task == "deblur_blind":  # not a paper task (its settings: issue 17, chosen on validation crops)
-        assert hp.method == "blind_diffpir" and (spec.sigma_n, spec.kernel_size) == (0.01, 31)
+        assert cli.model.method.name == "blind_diffpir" and (spec.sigma_n, spec.kernel_size) == (0.01, 31)
         assert cli.model.method.config()["steps"] == hp.steps
         return
     if spec.task != "denoise":  # the paper's tasks run as the official scripts
@@ -59,12 +60,14 @@ def test_config_instantiates(config, prior_file, tmp_path):
 
 def test_command_line_overrides(prior_file, tmp_path):
     cfg = next(p for p in CONFIGS if p.stem == "deblur_gaussian")
-    overrides = "--model.steps 20 --data.degradation.sigma_n 0.1 --model.prior_precision bf16 --trajectory.first_k 0"
+    overrides = (
+        "--model.method.steps 20 --data.degradation.sigma_n 0.1 --model.prior_precision bf16 --trajectory.first_k 0"
+    )
     cli = build_cli(
         ["--config", str(cfg), "--model.prior", str(prior_file), *overrides.split()],
         run=False,
     )
-    assert cli.model.sampler.nfe == 20 and cli.datamodule.degradation.sigma_n == 0.1
+    assert cli.model.method.nfe == 20 and cli.datamodule.degradation.sigma_n == 0.1
     assert cli.model.hparams.prior_precision == "bf16" and cli.model.prior.autocast_dtype == torch.bfloat16
 
 
@@ -73,7 +76,7 @@ def test_cli_predict_end_to_end(prior_file, tmp_path, monkeypatch):
     cfg = next(p for p in CONFIGS if p.stem == "denoise")
     out = tmp_path / "out"
     overrides = (
-        "--model.steps 3 --model.lpips false --data.limit 2 --data.crop 16 --trainer.accelerator cpu "
+        "--model.method.steps 3 --model.lpips false --data.limit 2 --data.crop 16 --trainer.accelerator cpu "
         "--trainer.devices 1 --trainer.enable_progress_bar false"
     )
     args = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(out)]
@@ -86,13 +89,78 @@ def test_cli_predict_end_to_end(prior_file, tmp_path, monkeypatch):
 
 
 def test_one_step_from_pure_noise_is_refused_by_the_cli(prior_file, tmp_path, monkeypatch, capsys):
-    """Issue 14, item 12: ``--model.steps 1`` with a paper config would return one prior guess on pure noise."""
+    """Issue 14, item 12: ``--model.method.steps 1`` with a paper config would return one prior guess on pure noise."""
     monkeypatch.setattr(sys, "argv", ["diffpir-restore"])
     cfg = next(p for p in CONFIGS if p.stem == "deblur_gaussian")
     args = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exc:
-        main(["predict", *args, "--model.steps", "1"])
+        main(["predict", *args, "--model.method.steps", "1"])
     assert exc.value.code not in (0, None)
     err = capsys.readouterr().err
-    assert "evaluates the prior once, on pure noise" in err and "--model.init classical" in err
+    assert "evaluates the prior once, on pure noise" in err and "--model.method.init classical" in err
     assert not (tmp_path / "o" / "restored").exists()
+
+
+# -- the configs ship with the package (issue 15) ------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_subpackage_and_maps_the_configs():
+    """pyproject.toml lists the packages explicitly (for the configs/ -> diffpir.configs mapping): every folder of
+    diffpir/ holding Python files must be in the list, or a wheel would silently lack it."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(tool["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffpir").rglob("*.py")}
+    assert folders <= packages, sorted(folders - packages)
+    assert tool["package-dir"] == {"diffpir.configs": "configs"}
+    for kind in ("restore", "train"):
+        assert f"diffpir.configs.{kind}" in packages and any((ROOT / "configs" / kind).glob("*.yaml"))
+
+
+@pytest.mark.slow  # builds a wheel (about a minute)
+def test_a_wheel_install_finds_the_configs_without_the_checkout(tmp_path):
+    import subprocess
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    wheel = zipfile.ZipFile(next(tmp_path.glob("diffpir-*.whl")))
+    names = set(wheel.namelist())
+    for cfg in CONFIGS:
+        assert f"diffpir/configs/restore/{cfg.name}" in names
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    code = (
+        "from diffpir.cli.common import config_dir; from diffpir.cli.demo import config_path; "
+        "from diffpir.cli.evaluate import task_config; "
+        "print(config_dir()); print(config_path('denoise')); print(task_config('sr_x4')['model']['method'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(site / "diffpir" / "configs" / "restore") and lines[1].startswith(lines[0])
+    assert "DiffPIRMethod" in lines[2]

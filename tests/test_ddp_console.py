@@ -173,7 +173,7 @@ def test_restore_ddp_two_processes_as_documented(tmp_path, prior_file):
     out = tmp_path / "out"
     cmd = [console_script("diffpir-restore"), "predict", "--config", str(DEBLUR)]
     cmd += ["--model.prior", str(prior_file), "--data.images", str(images), "--writer.output_dir", str(out)]
-    cmd += "--model.steps 4 --model.lpips false --data.degradation.kernel_size 9 --data.batch_size 2".split()
+    cmd += "--model.method.steps 4 --model.lpips false --data.degradation.kernel_size 9 --data.batch_size 2".split()
     cmd += "--trajectory.first_k 5 --trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu".split()
     res = run_group(cmd, tmp_path)
     assert res.returncode == 0, res.stdout[-4000:]

@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_on_a_tiny_prior(tmp_path):
     for r in rows:
         assert 5.0 < float(r["psnr"]) < 60.0
     assert (out / "overview.png").stat().st_size > 1000
-    model = yaml.safe_load((out / "denoise" / "config.yaml").read_text())["model"]  # the task's demo settings
+    model = yaml.safe_load((out / "denoise" / "config.yaml").read_text())["model"]["method"]["init_args"]  # demo
     assert (model["steps"], model["init"], model["t_start"], model["zeta"]) == (2, "classical", 200, 1.0)
     assert "| denoise | diffpir |" in (out / "metrics.md").read_text()
     # a rerun restores nothing again and gives the same table

@@ -48,10 +48,10 @@ def test_every_task_has_a_fast_config():
 def test_fast_config_runs_through_the_console_script(config, prior_file, tmp_path):
     res = restore(config, str(prior_file), tmp_path / "out", "--data.crop", "64")  # the 61x61 kernels fit
     assert WARNING not in res.stderr + res.stdout
-    model = yaml.safe_load(config.read_text())["model"]
+    model = yaml.safe_load(config.read_text())["model"]["method"]["init_args"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["count"] == 1
-    settings = summary["settings"]["model"]
+    settings = summary["settings"]["model"]["method"]["init_args"]
     assert (settings["init"], settings["t_start"], settings["zeta"]) == ("classical", model["t_start"], 1.0)
     rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
     assert rows[1].split(",")[rows[0].split(",").index("nfe")] == str(model["steps"])
@@ -78,10 +78,10 @@ def test_fast_config_beats_the_measurement_where_few_paper_steps_do_not(tmp_path
     assert fast_psnr > y_psnr + 1.0, (fast_psnr, y_psnr)
 
     few = tmp_path / "few"
-    extra = ("--data.crop", "64", "--model.steps", "5", "--data.degradation.kernel_std_max", "null")
+    extra = ("--data.crop", "64", "--model.method.steps", "5", "--data.degradation.kernel_std_max", "null")
     res = restore(CONFIGS / "deblur_gaussian.yaml", "natural", few, *extra)
     log = res.stderr + res.stdout
     assert WARNING in log and "configs/restore/<task>_fast.yaml" in log
-    assert "--model.init classical --model.t_start 400 --model.zeta 1.0" in log
+    assert "--model.method.init classical --model.method.t_start 400 --model.method.zeta 1.0" in log
     few_psnr = json.loads((few / "summary.json").read_text())["mean"]["psnr"]
     assert few_psnr < y_psnr < fast_psnr, (few_psnr, y_psnr, fast_psnr)

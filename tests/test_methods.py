@@ -99,7 +99,7 @@ def test_registry_holds_every_method():
 
 
 def test_build_method_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown method 'ddrm'; known methods: diffpir, dps"):
+    with pytest.raises(ValueError, match="unknown method 'ddrm'; known methods: diffpir, blind_diffpir"):
         build_method("ddrm")
     with pytest.raises(ValueError, match=r"method 'dps' takes no argument\(s\) \['lambda_'\]"):
         build_method("dps", lambda_=7.0)
@@ -433,8 +433,8 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method", ["dps", "ddnm", "dpir", "classical"])
 def test_restoration_module_runs_a_baseline(tiny_prior, images, tmp_path, method):
-    args = {"iterations": 2} if method == "dpir" else None
-    module = RestorationModule(tiny_prior, method=method, steps=3, lpips=False, method_args=args)
+    args = {"iterations": 2} if method == "dpir" else {} if method == "classical" else {"steps": 3}
+    module = RestorationModule(tiny_prior, method=METHODS[method](**args), lpips=False)
     assert module.method.name == method
     data = RestorationDataModule(
         images=str(images), degradation=Degradation(task="deblur_gaussian", kernel_size=5, kernel_std=1.0)
@@ -444,7 +444,8 @@ def test_restoration_module_runs_a_baseline(tiny_prior, images, tmp_path, method
     trainer.predict(module, datamodule=data, return_predictions=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["count"] == 2
-    assert summary["settings"]["model"]["method"] == method
+    assert summary["settings"]["model"]["method"]["init_args"] == module.method.config()
+    assert summary["settings"]["model"]["method"]["class_path"].endswith(type(module.method).__name__)
     expected_nfe = {"dps": 3, "ddnm": 3, "dpir": 2, "classical": 0}[method]
     assert module.method.nfe == expected_nfe
 
@@ -454,21 +455,23 @@ def test_cli_method_option(prior_file, tmp_path, monkeypatch):
 
     cfg = CONFIGS / "deblur_gaussian.yaml"
     base = ["--config", str(cfg), "--model.prior", str(prior_file), "--writer.output_dir", str(tmp_path / "o")]
-    cli = build_cli([*base, "--model.method", "dps", "--model.method_args", '{"scale": 0.5}'], run=False)
+    cli = build_cli([*base, "--model.method", "DPS", "--model.method.scale", "0.5"], run=False)
     assert isinstance(cli.model.method, DPS) and cli.model.method.scale == 0.5 and cli.model.method.nfe == 100
     cli = build_cli(base, run=False)
-    assert isinstance(cli.model.method, DiffPIRMethod) and cli.model.sampler.lambda_ == 7.0  # default unchanged
-    with pytest.raises(SystemExit):  # jsonargparse rejects an unknown method name
-        build_cli([*base, "--model.method", "ddrm"], run=False)
+    assert isinstance(cli.model.method, DiffPIRMethod) and cli.model.method.sampler.lambda_ == 7.0  # unchanged
+    with pytest.raises(SystemExit):  # jsonargparse rejects an unknown method
+        build_cli([*base, "--model.method", "DDRM"], run=False)
+    with pytest.raises(SystemExit):  # and a setting the method does not take
+        build_cli([*base, "--model.method.stepz", "3"], run=False)
 
     monkeypatch.setattr(sys, "argv", ["diffpir-restore"])
     out = tmp_path / "run"
     overrides = (
-        "--model.method dps --model.steps 2 --model.lpips false --data.limit 1 --data.crop 16 "
+        "--model.method DPS --model.method.steps 2 --model.lpips false --data.limit 1 --data.crop 16 "
         "--data.degradation.kernel_size 5 --trainer.accelerator cpu --trainer.devices 1 "
         "--trainer.enable_progress_bar false --trajectory.first_k 1"
     )
     main(["predict", *base[:-1], str(out), *overrides.split()])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 1 and summary["settings"]["model"]["method"] == "dps"
-    assert "method: dps" in (out / "config.yaml").read_text()
+    assert summary["count"] == 1 and summary["settings"]["model"]["method"]["init_args"]["steps"] == 2
+    assert "class_path: diffpir.methods.DPS" in (out / "config.yaml").read_text()

@@ -26,6 +26,7 @@ from PIL import Image
 
 from diffpir.cli.restore import main
 from diffpir.io import ImageTooLargeError, read_image, remove_temp_files
+from diffpir.methods import DiffPIRMethod
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior
@@ -34,7 +35,7 @@ from diffpir.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 DENOISE = ROOT / "configs" / "restore" / "denoise.yaml"
-QUICK = "--model.steps 3 --model.lpips false --trainer.accelerator cpu --trainer.devices 1"
+QUICK = "--model.method.steps 3 --model.lpips false --trainer.accelerator cpu --trainer.devices 1"
 QUICK += " --trainer.enable_progress_bar false --trajectory.first_k 0"
 
 
@@ -114,7 +115,7 @@ def _write_images(folder: Path, n: int, size: int = 16) -> Path:
 
 
 def _predict(prior, images: Path, out: Path, spec: Degradation, mode="benchmark", batch_size=2, data_kw=None):
-    module = RestorationModule(prior, steps=3, lpips=False)
+    module = RestorationModule(prior, method=DiffPIRMethod(steps=3), lpips=False)
     data = RestorationDataModule(str(images), mode=mode, degradation=spec, batch_size=batch_size, **(data_kw or {}))
     writer = RestorationWriter(str(out))
     trainer = quiet_trainer(callbacks=[writer])
@@ -350,7 +351,7 @@ def test_scale_that_does_not_divide_the_size(prior_file, tmp_path):
 
 def test_non_finite_measurement_tensor_is_refused_naming_the_problem():
     prior = Prior(build_unet("tiny"), NoiseSchedule.linear())
-    module = RestorationModule(prior, steps=2, lpips=False)
+    module = RestorationModule(prior, method=DiffPIRMethod(steps=2), lpips=False)
     y = torch.rand(1, 3, 16, 16)
     y[0, 1, 2, 3] = float("nan")
     y[0, 0, 0, 0] = float("inf")
@@ -396,7 +397,7 @@ def test_unknown_config_key_and_wrong_type_name_the_key(prior_file, tmp_path, ca
     bad.write_text("model:\n  stepz: 3\n")
     cases = [
         (["--config", str(bad)], "model.stepz"),
-        (["--model.steps", "abc"], 'key "model.steps"'),
+        (["--model.method.steps", "abc"], "model.method"),
         (["--data.degradation.kernel_sise", "5"], "kernel_sise"),
     ]
     for extra, named in cases:
@@ -492,7 +493,7 @@ def _check_visible(out: Path) -> int:
 def test_sigkill_then_rerun_restores_every_image_byte_identically(prior_file, tmp_path):
     images = _write_images(tmp_path / "in", 8, size=48)
     common = ["predict", "--config", str(DENOISE), "--model.prior", str(prior_file), "--data.images", str(images)]
-    common += ["--model.steps", "40", "--model.lpips", "false", "--trainer.accelerator", "cpu"]
+    common += ["--model.method.steps", "40", "--model.lpips", "false", "--trainer.accelerator", "cpu"]
     common += ["--trainer.enable_progress_bar", "false", "--trajectory.first_k", "0", "--writer.save_grid", "true"]
     ref = tmp_path / "ref"
     main([*common, "--writer.output_dir", str(ref)])

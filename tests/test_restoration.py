@@ -19,6 +19,7 @@ from conftest import make_tiny_prior, quiet_trainer
 from PIL import Image
 
 from diffpir.io import read_image, safe_output_name, to_uint8, write_png_atomic
+from diffpir.methods import DiffPIRMethod
 from diffpir.prior import Prior
 from diffpir.restoration import (
     TASKS,
@@ -32,6 +33,7 @@ from diffpir.restoration import (
     stable_seed,
 )
 from diffpir.restoration.tasks import load_params, synthesize_params
+from diffpir.sampler import DiffPIR
 
 STEPS = 4
 
@@ -74,7 +76,9 @@ def _predict(
     data_kw=None,
     writer_kw=None,
 ) -> tuple[RestorationModule, RestorationWriter, L.Trainer]:
-    module = RestorationModule(prior, **{"steps": STEPS, "lpips": False, **(module_kw or {})})
+    kw = {"steps": STEPS, "lpips": False, **(module_kw or {})}
+    method = DiffPIRMethod(**{k: kw.pop(k) for k in DiffPIR.PARAMS if k in kw})
+    module = RestorationModule(prior, method=method, **kw)
     data = RestorationDataModule(
         images=None if images is None else str(images),
         degradation=spec or _spec(),
@@ -341,7 +345,7 @@ def test_predict_writes_pngs_csv_and_summary(prior_file, images, tmp_path):
     assert summary["count"] == 5 and summary["count_with_truth"] == 5
     assert summary["mean"]["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]))
     assert summary["mean"]["ssim"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows]))
-    assert summary["settings"]["model"]["steps"] == STEPS
+    assert summary["settings"]["model"]["method"]["init_args"]["steps"] == STEPS
     assert summary["settings"]["data"]["degradation"]["task"] == "deblur_gaussian"
     assert writer.summary == summary
 
@@ -362,11 +366,14 @@ def test_rerun_skips_done_images_without_sampling(prior_file, images, tmp_path):
     out = tmp_path / "out"
     _predict(str(prior_file), images, out)
     first = (out / "restored" / "img1.png").read_bytes()
-    module, _, _ = _predict(str(prior_file), images, out)
-    assert module.images_sampled == 0
+    (out / "summary.json").unlink()
+    module, _, trainer = _predict(str(prior_file), images, out)
+    assert module.images_sampled == 0 and len(trainer.datamodule.dataset) == 0  # the data module left all out
+    assert json.loads((out / "summary.json").read_text())["count"] == 5  # merged although nothing ran
     (out / "restored" / "img1.png").unlink()
-    module, _, _ = _predict(str(prior_file), images, out)
-    assert module.images_sampled == 1
+    module, _, trainer = _predict(str(prior_file), images, out)
+    assert module.images_sampled == 1 and trainer.datamodule.dataset.keys == ["img1"]
+    assert len(trainer.datamodule.keys) == 5  # every requested image, for the merge
     assert (out / "restored" / "img1.png").read_bytes() == first
     rows = _csv(out / "metrics.csv")
     assert sorted(r["key"] for r in rows) == [f"img{i}" for i in range(5)]  # no duplicates, none lost
@@ -442,7 +449,7 @@ def test_mixed_sizes_in_one_batch_and_show_steps(prior_file, tmp_path):
 def test_lpips_column_when_available(prior_file, images, tmp_path):
     out = tmp_path / "out"
     folder = _write_images(tmp_path / "img32", 2, size=32)
-    module = RestorationModule(str(prior_file), steps=2, lpips=True)
+    module = RestorationModule(str(prior_file), method=DiffPIRMethod(steps=2), lpips=True)
     data = RestorationDataModule(str(folder), degradation=_spec("denoise"))
     trainer = quiet_trainer(callbacks=[RestorationWriter(str(out))])
     trainer.predict(module, datamodule=data, return_predictions=False)
@@ -496,3 +503,46 @@ def test_psnr_is_finite_number(prior_file, images, tmp_path):
     for r in _csv(out / "metrics.csv"):
         assert math.isfinite(float(r["psnr"])) and math.isfinite(float(r["seconds"]))
         assert int(r["nfe"]) == STEPS
+
+
+def test_image_metrics_is_the_one_per_image_metric_of_module_and_benchmarks():
+    """Issue 15: one per-image metric function (uint8 PSNR/SSIM, LPIPS when given) for the restoration module
+    and the benchmarks' ``Metrics``; SSIM only from its 11 px window, LPIPS from 32 px, grey repeated to RGB."""
+    from diffpir.cli.evaluate import Metrics
+    from diffpir.metrics import image_metrics, quantize, ssim
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 1, 40, 40, generator=g)
+    x = (truth + 0.05 * torch.randn(truth.shape, generator=g)).clamp(0, 1)
+    seen = []
+
+    def fake_lpips(a, b):
+        seen.append(tuple(a.shape))
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    rows = image_metrics(x, truth, {"lpips": fake_lpips})
+    mse = ((quantize(x) - quantize(truth)) ** 2).mean(dim=(1, 2, 3))
+    for i, row in enumerate(rows):
+        assert set(row) == {"psnr", "ssim", "lpips"}
+        assert row["psnr"] == pytest.approx(10 * math.log10(255**2 / float(mse[i])), rel=1e-6)
+        assert row["ssim"] == float(ssim(x, truth)[i])
+        assert row["lpips"] == pytest.approx(float((x[i] - truth[i]).abs().mean()), rel=1e-6)
+    assert seen == [(2, 3, 40, 40)]
+    assert set(image_metrics(x[..., :16, :16], truth[..., :16, :16], {"lpips": fake_lpips})[0]) == {"psnr", "ssim"}
+    assert set(image_metrics(x[..., :10, :10], truth[..., :10, :10])[0]) == {"psnr"}
+    assert Metrics(lpips_nets=())(x, truth) == image_metrics(x, truth)
+
+
+def test_done_images_are_left_out_before_the_ranks_split_the_rest(images):
+    """Issue 15: on a resume the data module drops done images in setup, so a DistributedSampler gives every rank a
+    share of what is left (before, one rank could get only finished images and restore nothing)."""
+    from torch.utils.data import DistributedSampler
+
+    dm = RestorationDataModule(str(images), degradation=_spec(), channels=3)
+    dm.setup("predict")
+    dm.skip_done(lambda key: key not in ("img3", "img4"))
+    assert dm.dataset.keys == ["img3", "img4"] and dm.keys == [f"img{i}" for i in range(5)]
+    shares = [list(DistributedSampler(dm.dataset, num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert shares == [[0], [1]]
+    dm.setup("predict")  # a later setup applies it again
+    assert dm.dataset.keys == ["img3", "img4"]

@@ -18,7 +18,8 @@ N_IMAGES = 5  # odd: the ranks get 3 and 2 images
 
 def _run(prior: Path, images: Path, out: Path, devices: int, batch_size: int) -> None:
     options = (
-        f"--model.steps 4 --model.lpips false --data.batch_size {batch_size} --model.batch_invariant true "
+        f"--model.method.steps 4 --model.lpips false --data.batch_size {batch_size} "
+        "--model.method.batch_invariant true "
         "--data.degradation.task deblur_motion "
         f"--data.degradation.kernel_size 9 --trajectory.first_k {N_IMAGES} --trajectory.every 2 "
         f"--trainer.accelerator cpu --trainer.devices {devices} --trainer.enable_progress_bar false"

@@ -175,12 +175,15 @@ def test_denoising_started_at_the_noise_level_of_y_adds_no_noise(sched, prior):
 
 
 def test_classical_init_diffuses_the_classical_restoration(sched, prior, deblur_problem):
-    from diffpir.methods import Classical
+    from diffpir.methods import Classical, DiffPIRMethod
 
     _, y, op, _, sigma_n = deblur_problem
     seen = []
     sampler = DiffPIR(sched, steps=10, t_start=200, zeta=0.0, init="classical")
-    sampler(y[:1], op, prior, sigma_n=sigma_n, generator=torch.Generator().manual_seed(0), callback=seen.append)
+    with pytest.raises(ValueError, match="init='classical' starts from a classical restoration.*x_init"):
+        sampler(y[:1], op, prior, sigma_n=sigma_n)  # the sampler knows no task: the caller gives the start
+    method = DiffPIRMethod(steps=10, t_start=200, zeta=0.0, init="classical")
+    method(y[:1], op, prior, sigma_n=sigma_n, generator=torch.Generator().manual_seed(0), callback=seen.append)
     est = Classical()(y[:1], op, None, sigma_n).clamp(0, 1)
     assert (est - y[:1]).abs().max() > 0.05  # Wiener deconvolution, not the blurred measurement
     noise = torch.randn(y[:1].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)
@@ -252,7 +255,7 @@ def test_batch_invariant_is_bitwise_the_image_alone(sched, prior):
 def test_one_step_from_pure_noise_is_refused_and_few_steps_warn_with_the_fix(sched):
     with pytest.raises(ValueError, match="evaluates the prior once, on pure noise.*init='classical'"):
         DiffPIR(sched, steps=1)
-    with pytest.warns(UserWarning, match="far from converged.*_fast.yaml.*--model.init classical"):
+    with pytest.warns(UserWarning, match="far from converged.*_fast.yaml.*--model.method.init classical"):
         DiffPIR(sched, steps=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -293,15 +296,45 @@ def test_bad_input_is_refused_with_a_clear_message(sched, prior, deblur_problem)
         DiffPIR(sched, zeta=1.5)
 
 
-def test_params_are_the_constructor_and_round_trip_through_the_wrappers(sched):
+def test_settings_are_written_once_and_round_trip_through_the_methods(sched):
+    """The sampler's signature is the one list of its settings: DiffPIRMethod and BlindDiffPIR show it (their
+    signatures are derived, with BlindDiffPIR's own defaults), pass it on, and refuse a setting it lacks."""
     import inspect
 
-    from diffpir.methods import DiffPIRMethod
-    from diffpir.restoration import RestorationModule
+    from diffpir.methods import BlindDiffPIR, DiffPIRMethod
 
     assert tuple(inspect.signature(DiffPIR).parameters)[1:] == DiffPIR.PARAMS
-    for wrapper in (DiffPIRMethod, RestorationModule):
-        assert set(DiffPIR.PARAMS) <= set(inspect.signature(wrapper).parameters), wrapper
+    for method in (DiffPIRMethod, BlindDiffPIR):
+        params = inspect.signature(method).parameters
+        assert [n for n in params if n in DiffPIR.PARAMS] == list(DiffPIR.PARAMS), method
+        assert all(params[n].annotation == DiffPIR.PARAMETERS[n].annotation for n in DiffPIR.PARAMS)
+    assert inspect.signature(DiffPIRMethod).parameters["zeta"].default == 0.3
+    assert inspect.signature(BlindDiffPIR).parameters["zeta"].default == 1.0 == BlindDiffPIR().config()["zeta"]
+    assert inspect.signature(BlindDiffPIR).parameters["kernel_size"].default is None
     sampler = DiffPIR(sched, steps=7, lambda_=3.0, zeta=0.9, t_start=500, init="classical", output="x0_hat")
     assert DiffPIR(sched, **sampler.config()).config() == sampler.config()
-    assert DiffPIRMethod(sampler=sampler).config() == sampler.config() != DiffPIR(sched).config()
+    method = DiffPIRMethod(**sampler.config())
+    assert method.config() == sampler.config() != DiffPIR(sched).config()
+    assert method.sampler_for(sched).timesteps == sampler.timesteps
+    blind = BlindDiffPIR(kernel_size=9, **sampler.config())
+    assert {k: blind.config()[k] for k in DiffPIR.PARAMS} == sampler.config() and blind.config()["kernel_size"] == 9
+    with pytest.raises(TypeError, match="stepz"):
+        DiffPIRMethod(stepz=3)
+
+
+def test_one_input_check_for_the_sampler_and_every_method(sched, prior, deblur_problem):
+    """Issue 15: the input checks have one home (``sampler.check_inputs``: ``op.check`` and sigma_n); the sampler
+    and every method refuse bad input with the same message."""
+    import re
+
+    from diffpir.methods import METHODS
+    from diffpir.sampler import check_inputs
+
+    _, y, op, _, _ = deblur_problem
+    restorers = [DiffPIR(sched, steps=20), *[cls() for name, cls in METHODS.items() if name != "dpir_ffdnet"]]
+    for bad, sigma_n in ((y[0], 0.05), (y[:1].long(), 0.05), (y[:1], -1.0), (y[:1], float("nan"))):
+        with pytest.raises((ValueError, TypeError)) as ref:
+            check_inputs(bad, op, sigma_n)
+        for restore in restorers:
+            with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
+                restore(bad, op, prior, sigma_n=sigma_n)

@@ -40,15 +40,17 @@ from diffpir.checkpoints import check_ckpt_args, file_kind, local_file
 from diffpir.cli.restore import main as restore_main
 from diffpir.cli.train import human_size
 from diffpir.io import read_image, safe_output_name
+from diffpir.methods import DiffPIRMethod
 from diffpir.prior import Prior
 from diffpir.priorfile import BUNDLED_DIR, METADATA_KEY, export_prior, load_prior, prior_payload
 from diffpir.restoration import Degradation, RestorationDataModule, RestorationModule, RestorationWriter
+from diffpir.sampler import DiffPIR
 from diffpir.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "train" / "smoke.yaml"
 DENOISE = ROOT / "configs" / "restore" / "denoise.yaml"
-QUICK = "--model.steps 3 --model.lpips false --trainer.accelerator cpu --trainer.devices 1"
+QUICK = "--model.method.steps 3 --model.lpips false --trainer.accelerator cpu --trainer.devices 1"
 QUICK += " --trainer.enable_progress_bar false --trajectory.first_k 0"
 TIMEOUT = 300  # seconds for one console-script run on a busy shared CPU; a hang fails the test, never stalls CI
 
@@ -135,7 +137,9 @@ def _trainer(writer: RestorationWriter) -> L.Trainer:
 
 
 def _predict(prior, images: Path, out: Path, spec: Degradation | None = None, mode="benchmark", **module_kw):
-    module = RestorationModule(prior, **{"steps": 3, "lpips": False, **module_kw})
+    kw = {"steps": 3, "lpips": False, **module_kw}
+    method = DiffPIRMethod(**{k: kw.pop(k) for k in DiffPIR.PARAMS if k in kw})
+    module = RestorationModule(prior, method=method, **kw)
     spec = spec or Degradation(task="denoise", sigma_n=0.1)
     data = RestorationDataModule(str(images), mode=mode, degradation=spec, batch_size=2)
     writer = RestorationWriter(str(out))
@@ -609,11 +613,11 @@ def test_rerun_with_other_settings_is_refused_and_records_stay_true(prior_file, 
     pngs = {p.name: p.read_bytes() for p in (out / "restored").iterdir()}
     capsys.readouterr()
     for extra, named in [
-        (["--model.lambda_", "3.0"], "model.lambda_: 7.0 there, 3.0 now"),
+        (["--model.method.lambda_", "3.0"], "model.method.init_args.lambda_: 7.0 there, 3.0 now"),
         (["--data.degradation.sigma_n", "0.2"], "data.degradation.sigma_n"),
-        (["--model.steps", "4"], "model.steps: 3 there, 4 now"),
+        (["--model.method.steps", "4"], "model.method.init_args.steps: 3 there, 4 now"),
         (["--data.seed", "5"], "data.seed"),
-        (["--writer.overwrite", "true", "--model.zeta", "0.5"], "model.zeta"),
+        (["--writer.overwrite", "true", "--model.method.zeta", "0.5"], "model.method.init_args.zeta"),
     ]:
         with pytest.raises(SystemExit) as info:
             restore_main(args + extra)
@@ -627,7 +631,7 @@ def test_rerun_with_other_settings_is_refused_and_records_stay_true(prior_file, 
     assert _main(args + ["--data.batch_size", "3"]) == 0
     assert {p.name: p.read_bytes() for p in (out / "restored").iterdir()} == pngs
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 3 and summary["settings"]["model"]["lambda_"] == 7.0
+    assert summary["count"] == 3 and summary["settings"]["model"]["method"]["init_args"]["lambda_"] == 7.0
 
 
 def test_a_changed_prior_file_is_other_settings(tiny_net, tmp_path):
@@ -667,7 +671,7 @@ def test_huge_lambda_through_the_cli_exits_nonzero(prior_file, tmp_path, capsys)
     images = _images(tmp_path / "in", 2)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        restore_main(_restore_args(prior_file, images, out, "--model.lambda_", "1e300"))
+        restore_main(_restore_args(prior_file, images, out, "--model.method.lambda_", "1e300"))
     assert info.value.code == 1
     failed = json.loads((out / "failed.json").read_text())
     assert len(failed) == 2 and all("NaN or infinite" in f["reason"] for f in failed)
@@ -798,7 +802,7 @@ def test_real_mode_sr_checks_the_output_size(prior_file, tmp_path):
 def test_sigterm_stops_at_the_next_image_and_the_rerun_finishes(prior_file, tmp_path):
     images = _images(tmp_path / "in", 8, size=48)
     out = tmp_path / "out"
-    argv = ["diffpir-restore", *_restore_args(prior_file, images, out, "--model.steps", "50")]
+    argv = ["diffpir-restore", *_restore_args(prior_file, images, out, "--model.method.steps", "50")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([_script(argv[0]), *argv[1:]], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffpir.methods import DiffPIRMethod
 from diffpir.models import build_unet
 from diffpir.operators import Blur, gaussian_kernel
 from diffpir.prior import Prior
@@ -110,9 +111,11 @@ def test_attention_nets_tile_at_their_training_size():
 
 def test_restoration_module_tiles_above_tile_size():
     prior = Prior(_seeded_tiny(), NoiseSchedule.linear())
-    module = RestorationModule(prior, steps=2, lpips=False, tile_size=32, tile_overlap=8)
+    module = RestorationModule(prior, method=DiffPIRMethod(steps=2), lpips=False, tile_size=32, tile_overlap=8)
     assert isinstance(module.prior, TiledPrior) and module.prior.tile == 32
-    untiled = RestorationModule(Prior(_seeded_tiny(), NoiseSchedule.linear()), steps=2, lpips=False, tile_size=None)
+    untiled = RestorationModule(
+        Prior(_seeded_tiny(), NoiseSchedule.linear()), method=DiffPIRMethod(steps=2), lpips=False, tile_size=None
+    )
     assert type(untiled.prior) is Prior
     assert module.state_dict().keys() == untiled.state_dict().keys()
     y = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(3))
@@ -124,7 +127,9 @@ def test_restoration_module_tiles_above_tile_size():
 @pytest.mark.slow
 def test_2048_restoration_with_the_tiny_prior_completes():
     prior = Prior(_seeded_tiny(), NoiseSchedule.linear())
-    module = RestorationModule(prior, steps=2, lpips=False, tile_size=256, tile_overlap=32, tile_batch=4)
+    module = RestorationModule(
+        prior, method=DiffPIRMethod(steps=2), lpips=False, tile_size=256, tile_overlap=32, tile_batch=4
+    )
     g = torch.Generator().manual_seed(4)
     clean = torch.nn.functional.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=(2048, 2048), mode="bilinear")
     op = Blur(gaussian_kernel(9, 2.0))

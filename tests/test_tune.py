@@ -78,6 +78,17 @@ def test_tune_rejects_bad_arguments(problem):
         run(["--config", str(CONFIGS / "denoise.yaml"), "--out", "x.yaml", "--set", "model.steps"])
 
 
+def test_a_typo_in_the_config_fails_as_in_the_restoration_cli(tmp_path, capsys):
+    """Issue 15: diffpir-tune builds the config through diffpir-restore's parser (before, unknown keys were
+    ignored): a setting the method does not take and an unknown data key fail with the key named, status 2."""
+    base = ["--config", str(CONFIGS / "denoise.yaml"), "--out", str(tmp_path / "x.yaml")]
+    for typo, key in (("model.method.init_args.stepz=3", "stepz"), ("data.degradation.sigma_nn=0.1", "sigma_nn")):
+        with pytest.raises(SystemExit) as info:
+            run([*base, "--set", typo])
+        assert info.value.code == 2 and key in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_default_grid_spans_the_documented_ranges():
     assert DEFAULT_LAMBDAS[0] == 1.0 and DEFAULT_LAMBDAS[-1] == 50.0 and len(DEFAULT_LAMBDAS) == 8
     assert np.allclose(np.diff(np.log(DEFAULT_LAMBDAS)), np.log(50) / 7, rtol=0.01)
@@ -105,10 +116,10 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     assert text.startswith("# Tuned by diffpir.cli.tune") and f"best lambda_ = {result.lambda_:g}" in text
     cfg = yaml.safe_load(text)
     assert cfg["data"]["degradation"] == {"task": "denoise", "sigma_n": 0.2}
-    assert cfg["model"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)
+    assert cfg["model"]["method"]["init_args"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)
     cli = build_cli(["--config", str(out)], run=False)
-    assert cli.model.sampler.lambda_ == result.lambda_ and cli.model.sampler.zeta == result.zeta
-    assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.sampler.nfe == 2
+    assert cli.model.method.config()["lambda_"] == result.lambda_ and cli.model.method.config()["zeta"] == result.zeta
+    assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.method.nfe == 2
 
 
 def test_console_script_exits_zero_and_names_itself(tmp_path):
@@ -126,7 +137,7 @@ def test_console_script_exits_zero_and_names_itself(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert yaml.safe_load(out.read_text())["model"]["lambda_"] == 5.0
+    assert yaml.safe_load(out.read_text())["model"]["method"]["init_args"]["lambda_"] == 5.0
     assert "best: lambda_ = 5" in res.stdout
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and res.stdout.startswith("usage: diffpir-tune ") and "python -m" not in res.stdout

@@ -10,6 +10,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 # -- a quiet console -------------------------------------------------------------------------------------------------
 
@@ -158,7 +159,20 @@ def _hard_exit(signum: int) -> None:
         os._exit(128 + signum)
 
 
+def config_dir(kind: str = "restore") -> Path:
+    """The shipped configs of ``kind`` (``restore``, ``train``): the top-level ``configs/<kind>`` folder that users
+    edit when running from a checkout, else the copy inside the installed package (``diffpir.configs``, mapped from
+    ``configs/`` by pyproject.toml, read through :mod:`importlib.resources`)."""
+    checkout = Path(__file__).resolve().parents[2] / "configs" / kind
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("diffpir.configs") / kind))
+
+
 __all__ = [
+    "config_dir",
     "USER_ERRORS",
     "report_error",
     "STOP_GRACE_S",

@@ -4,7 +4,7 @@
 
 For each task (configs/restore/<task>.yaml: Gaussian and motion deblurring, SR x4, box and random inpainting,
 denoising) it runs ``diffpir-restore predict`` on the bundled 256x256 sample photos (``diffpir/assets/samples``),
-then the task's classical baseline through the same CLI (``--model.method classical``: Wiener deconvolution, bicubic
+then the task's classical baseline through the same CLI (``--model.method Classical``: Wiener deconvolution, bicubic
 upsampling, harmonic fill, ...) when that method is available. It writes, under ``--out``:
 
     <task>/restored/*.png, <task>/degraded/*.png, <task>/grid/*.png   (degraded | restored | truth)
@@ -21,7 +21,6 @@ restored.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -41,19 +40,18 @@ def demo_steps(task: str, steps: int | None = None) -> int:
         return int(steps)
     import yaml
 
-    return int(yaml.safe_load(config_path(task).read_text())["model"]["steps"])
+    return int(yaml.safe_load(config_path(task).read_text())["model"]["method"]["init_args"]["steps"])
 
 
 METRICS = ("psnr", "ssim", "lpips")
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def config_path(task: str) -> Path:
-    """The task's fast config, ``configs/restore/<task>_fast.yaml`` (the settings the demo runs)."""
-    path = repo_root() / "configs" / "restore" / f"{task}_fast.yaml"
+    """The task's fast config, ``configs/restore/<task>_fast.yaml`` (the settings the demo runs; the packaged copy
+    in a wheel install, :func:`diffpir.cli.common.config_dir`)."""
+    from diffpir.cli.common import config_dir
+
+    path = config_dir("restore") / f"{task}_fast.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no restoration config for task {task!r} at {path}")
     return path
@@ -83,9 +81,11 @@ def run_task(
     ]
     if method == "diffpir":
         if steps is not None:
-            args += ["--model.steps", str(steps)]
+            args += ["--model.method.steps", str(steps)]
     else:
-        args += ["--model.method", method]
+        from diffpir.methods import METHODS
+
+        args += ["--model.method", METHODS[method].__name__]
     build_cli(args, run=True)
     return json.loads((out / "summary.json").read_text())
 
@@ -158,7 +158,9 @@ def table(results: dict[tuple[str, str], dict]) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Restore the bundled sample photos for every paper task.")
+    from jsonargparse import ArgumentParser
+
+    ap = ArgumentParser(prog="diffpir-demo", description="Restore the bundled sample photos for every paper task.")
     ap.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     ap.add_argument("--prior", default="natural", help="a bundled prior name or a prior file (default: natural)")
     ap.add_argument(

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from diffpir.cli.common import config_dir
 from diffpir.methods.base import Method
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR
@@ -35,11 +36,12 @@ __all__ = [
     "fid_kid",
     "load_batches",
     "method_defaults",
+    "method_init_args",
     "run_method",
     "task_config",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "restore"
+CONFIG_DIR = config_dir("restore")  # the repository's configs/restore, or the packaged copy (a wheel install)
 
 # Per-task defaults of the baselines, from their papers' / official code's settings.
 _DPS_SCALE = {"blur": 0.3, "sr": 0.3, "inpaint": 0.5, "denoise": 0.3}  # DPS configs (gaussian/motion deblur, SR: 0.3)
@@ -54,16 +56,22 @@ def task_config(task: str, config_dir: str | Path = CONFIG_DIR) -> dict[str, Any
     return {"model": {}, "data": {"degradation": {"task": task}}}
 
 
+def method_init_args(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.method.init_args`` of a restoration config (a dict; empty when absent)."""
+    method = (config.get("model") or {}).get("method") or {}
+    return dict(method.get("init_args") or {}) if isinstance(method, dict) else {}
+
+
 def method_defaults(name: str, config: dict[str, Any], nfe: int | None = None) -> dict[str, Any]:
     """Keyword arguments of method ``name`` for the task of ``config`` at ``nfe`` network evaluations (None: the
     method's own default): DiffPIR takes the config's sampler settings; DPS its official step size per task;
     DPIR DPIR's iteration count per task (``nfe`` is ignored: its iterations are its NFEs)."""
     from diffpir.restoration.tasks import Degradation
 
-    model = dict(config.get("model") or {})
+    model = method_init_args(config)
     family = Degradation(**(config.get("data", {}).get("degradation") or {})).family
     if name == "diffpir":
-        out = {k: model[k] for k in DiffPIR.PARAMS if model.get(k) is not None}
+        out = {k: model[k] for k in DiffPIR.PARAMS if model.get(k) is not None}  # model.method.init_args
         if nfe is not None:
             out["steps"] = nfe
         return out
@@ -184,18 +192,13 @@ class Metrics:
     @torch.no_grad()
     def __call__(self, x: Tensor, truth: Tensor) -> list[dict[str, float]]:
         """Per-image metrics of ``x`` against ``truth`` (both ``[N, C, H, W]`` in [0, 1])."""
-        from diffpir.metrics import psnr, ssim
+        from diffpir.metrics import image_metrics
 
-        x = x.clamp(0, 1).float()
-        truth = truth.float()
-        values: dict[str, Tensor] = {"psnr": psnr(x, truth)}
-        if min(truth.shape[-2:]) >= 11:
-            values["ssim"] = ssim(x, truth)
-        if min(truth.shape[-2:]) >= 32:
-            a, b = (x, truth) if x.shape[1] == 3 else (x.expand(-1, 3, -1, -1), truth.expand(-1, 3, -1, -1))
-            for net, metric in self._lpips.items():
-                values[f"lpips_{net}"] = metric(a.to(self.device), b.to(self.device)).cpu()
-        return [{k: float(v[i]) for k, v in values.items()} for i in range(x.shape[0])]
+        lpips = {f"lpips_{net}": functools.partial(self._lpips_on_device, m) for net, m in self._lpips.items()}
+        return image_metrics(x.clamp(0, 1).float(), truth.float(), lpips)
+
+    def _lpips_on_device(self, metric: Any, a: Tensor, b: Tensor) -> Tensor:
+        return metric(a.to(self.device), b.to(self.device)).cpu()
 
 
 def run_method(

@@ -3,7 +3,7 @@
 Usage::
 
     diffpir-restore predict --config configs/restore/deblur_gaussian.yaml
-    diffpir-restore predict --config configs/restore/sr_x4.yaml --model.steps 20 --data.images my/photos
+    diffpir-restore predict --config configs/restore/sr_x4.yaml --model.method.steps 20 --data.images my/photos
     diffpir-restore predict --config configs/restore/inpaint_box.yaml --trainer.devices 4 --trainer.strategy ddp
 
 Config sections: ``model`` (:class:`~diffpir.restoration.RestorationModule`), ``data``
@@ -76,6 +76,10 @@ class RestoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RestorationWriter, "writer")
         parser.add_lightning_class_args(TrajectoryLogger, "trajectory")
+        # without a config, DiffPIR with the sampler's defaults (so that --model.method.steps 20 alone works)
+        parser.set_defaults({"model.method": {"class_path": "diffpir.methods.DiffPIRMethod"}})
+        # the data's channels are the prior's (1 or 3), known once the module has loaded it
+        parser.link_arguments("model", "data.channels", compute_fn=_prior_channels, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         """Check what concerns the whole run before anything (the prior first) is loaded: one error, naming the
@@ -125,6 +129,10 @@ class RestoreCLI(LightningCLI):
         """Requested images neither restored nor failed at the end of the run (0 before a run)."""
         writers = [cb for cb in self.trainer.callbacks if isinstance(cb, RestorationWriter)]
         return sum(int(getattr(cb, "missing", 0)) for cb in writers)
+
+
+def _prior_channels(model: RestorationModule) -> int:
+    return model.channels
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> RestoreCLI:

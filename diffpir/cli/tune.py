@@ -21,9 +21,9 @@ bundled sample photos' source).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +32,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from diffpir.cli.evaluate import load_batches
+from diffpir.cli.evaluate import load_batches, method_init_args
+from diffpir.methods import DiffPIRMethod
 from diffpir.restoration.data import RestorationBatch
 from diffpir.sampler import DiffPIR, EpsModel
 
@@ -44,6 +46,7 @@ __all__ = [
     "TuneResult",
     "evaluate",
     "load_batches",
+    "check_config",
     "main",
     "run",
     "tune",
@@ -82,7 +85,7 @@ def evaluate(
     from diffpir.metrics import psnr
     from diffpir.restoration.tasks import image_generator
 
-    sampler = DiffPIR(prior.schedule, lambda_=lambda_, zeta=zeta, **(sampler_kwargs or {}))
+    sampler = DiffPIRMethod(lambda_=lambda_, zeta=zeta, **(sampler_kwargs or {}))
     psnrs: list[Tensor] = []
     lpipss: list[Tensor] = []
     for batch in batches:
@@ -171,11 +174,13 @@ def write_config(
     source: str = "",
     prior: str | None = None,
 ) -> Path:
-    """Write ``config`` with ``model.lambda_`` / ``model.zeta`` set to the result (and ``model.prior`` when given) as
-    YAML, with a header recording the search."""
+    """Write ``config`` with ``model.method.init_args.lambda_`` / ``zeta`` set to the result (and ``model.prior``
+    when given) as YAML, with a header recording the search."""
     cfg = yaml.safe_load(yaml.safe_dump(config))  # a deep copy of plain values
     model = cfg.setdefault("model", {})
-    model["lambda_"], model["zeta"] = float(result.lambda_), float(result.zeta)
+    method = model.setdefault("method", {"class_path": "diffpir.methods.DiffPIRMethod"})
+    settings = method.setdefault("init_args", {})
+    settings["lambda_"], settings["zeta"] = float(result.lambda_), float(result.zeta)
     if prior is not None:
         model["prior"] = prior
     rows = sorted(result.table, key=lambda r: (r["lambda_"], r["zeta"]))
@@ -194,6 +199,21 @@ def write_config(
     return out
 
 
+def check_config(config: dict[str, Any], prior: str) -> None:
+    """Parse and build ``config`` (with ``model.prior = prior``) through ``diffpir-restore``'s parser, so that a
+    typo (an unknown key, a wrong type, a setting the method does not take) fails here as it would there: the
+    message names the key, exit status 2."""
+    from unittest import mock
+
+    from diffpir.cli.restore import build_cli
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(sys, "argv", sys.argv[:1]):
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        checks = ["--model.prior", prior, "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+        build_cli(["--config", str(path), *checks, "--writer.output_dir", tmp], run=False)
+
+
 def _set(config: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a nested config dict."""
     if "=" not in assignment:
@@ -208,12 +228,8 @@ def _set(config: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="diffpir-tune",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="diffpir-tune", description=__doc__.splitlines()[0], default_env=False)
     p.add_argument("--config", required=True, help="the task's restoration config (configs/restore/<task>.yaml)")
     p.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
     p.add_argument("--prior", default=None, help="prior file or bundled name (default: the config's model.prior)")
@@ -221,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="validation images to use (default 3)")
     p.add_argument("--crop", type=int, default=None, help="centre-crop the images to at most CROP px")
     p.add_argument("--sigma-n", type=float, default=None, help="noise level to tune for (sets data.degradation)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.method.init_args.steps)")
     p.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
     p.add_argument("--zetas", type=float, nargs="+", default=list(DEFAULT_ZETAS))
     p.add_argument("--search", choices=["coordinate", "grid"], default="coordinate")
@@ -252,9 +268,10 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     if args.sigma_n is not None:
         _set(config, f"data.degradation.sigma_n={args.sigma_n}")
     if args.steps is not None:
-        _set(config, f"model.steps={args.steps}")
+        _set(config, f"model.method.init_args.steps={args.steps}")
     model = config.get("model") or {}
     prior_ref = args.prior if args.prior is not None else model.get("prior", "natural")
+    check_config(config, str(prior_ref))
     device = torch.device(args.device)
     prior = load_prior(prior_ref, preset=model.get("preset")).to(device)
     batches = [b.to(device) for b in load_batches(config, args.images, args.limit, args.crop, prior.in_channels)]
@@ -263,7 +280,8 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         from diffpir.metrics import LPIPSMetric
 
         metric = LPIPSMetric(model.get("lpips_net", "vgg")).to(device)
-    sampler_kwargs = {k: model[k] for k in SAMPLER_KEYS if model.get(k) is not None}
+    settings = method_init_args(config)
+    sampler_kwargs = {k: settings[k] for k in SAMPLER_KEYS if settings.get(k) is not None}
     seed = args.seed if args.seed is not None else int(model.get("seed", 0))
     n = sum(len(b) for b in batches)
     print(f"tuning lambda_ x zeta ({args.search}, {args.objective}) on {n} image(s) of {args.config}", flush=True)
@@ -276,7 +294,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         args.objective,
         sampler_kwargs,
         seed,
-        (float(model.get("lambda_", 7.0)), float(model.get("zeta", 0.3))),
+        (float(settings.get("lambda_", 7.0)), float(settings.get("zeta", 0.3))),
         lpips_metric=metric,
         log=lambda msg: print(msg, flush=True),
     )

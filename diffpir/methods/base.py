@@ -11,15 +11,14 @@ sees the [-1, 1] scale.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
+from diffpir.prior import eps_denoise
+from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState, check_inputs
 
 __all__ = ["Denoiser", "Method", "check_inputs", "eps_denoiser", "prior_denoiser", "schedule_of"]
 
@@ -82,17 +81,6 @@ class Method(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def check_inputs(y: Tensor, op: DataOperator, sigma_n: float) -> None:
-    """The checks every method runs first: a floating ``[N, C, h, w]`` tensor that fits ``op``, ``sigma_n >= 0``."""
-    if not torch.is_tensor(y) or y.ndim != 4:
-        raise ValueError(f"y must be a tensor of shape [N, C, H, W], got {getattr(y, 'shape', type(y))}")
-    if not torch.is_floating_point(y):
-        raise ValueError(f"y must be a floating-point tensor in [0, 1], got dtype {y.dtype}")
-    if not (math.isfinite(sigma_n) and sigma_n >= 0):
-        raise ValueError(f"sigma_n must be a finite number >= 0, got {sigma_n}")
-    op.check(y)
-
-
 def schedule_of(prior: Any, method: str):
     """The prior's :class:`~diffpir.schedule.NoiseSchedule` (``prior.schedule``), or a ``ValueError``."""
     sched = getattr(prior, "schedule", None)
@@ -105,19 +93,9 @@ def schedule_of(prior: Any, method: str):
 
 
 def eps_denoiser(prior: EpsModel, schedule) -> Denoiser:
-    """A Gaussian denoiser ``D(x, sigma)`` built from any eps-model, as :meth:`diffpir.prior.Prior.denoise`:
-    ``t`` = the timestep whose ``sigma_bar_t`` is nearest to ``sigma``, ``eps = prior(x / sqrt(1 + sigma^2), t)``,
-    ``D = x - sigma eps`` (all on the [-1, 1] scale)."""
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        if sigma <= 0:
-            return x
-        t = int(schedule.timestep_for_sigma(float(sigma)))
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = prior(x / math.sqrt(1 + sigma**2), t_batch).to(x.dtype)
-        return x - sigma * eps
-
-    return denoise
+    """The Gaussian denoiser ``D(x, sigma)`` of any eps-model with ``schedule``: :func:`diffpir.prior.eps_denoise`
+    (what :meth:`diffpir.prior.Prior.denoise` runs), with ``sigma = 0`` returning ``x`` unevaluated."""
+    return lambda x, sigma: x if sigma <= 0 else eps_denoise(prior, schedule, x, float(sigma))
 
 
 def prior_denoiser(prior: Any) -> Denoiser:

@@ -38,17 +38,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffpir.methods.base import Method, check_inputs, schedule_of
+from diffpir.methods.base import check_inputs, schedule_of
+from diffpir.methods.diffpir_method import DiffPIRMethod
 from diffpir.operators.blur import Blur
 from diffpir.operators.fft import psf2otf
-from diffpir.sampler import DataOperator, DiffPIR, EpsModel, GeneratorArg, StepState
-from diffpir.schedule import NoiseSchedule
+from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
 
 __all__ = [
     "BlindDiffPIR",
@@ -401,7 +401,7 @@ class _LiveBlur(Blur):
         return lambda z, rho: Blur.prox_fn(self, y)(z, rho)
 
 
-class BlindDiffPIR(Method):
+class BlindDiffPIR(DiffPIRMethod):
     """Blind deblurring: DiffPIR with a kernel step alternating with the image step (see the module docstring).
 
     ``method(y, op, prior, sigma_n, generator) -> x`` as every :class:`~diffpir.methods.Method`; the kernel
@@ -410,8 +410,6 @@ class BlindDiffPIR(Method):
     the size of a :class:`~diffpir.operators.Blur`'s kernel); its kernel values are never read.
 
     Args:
-        steps, lambda_, zeta, skip, t_start, eta, guidance_scale, clip_denoised, init, output, batch_invariant: the
-            DiffPIR sampler's (:class:`~diffpir.sampler.DiffPIR`), with the current kernel in the data step.
         kernel_size: odd side of the kernel support (None: from ``op``).
         levels, init_iterations, l0_weight, l0_weight_min: the coarse-to-fine initialisation
             (:func:`coarse_to_fine_kernel`; ``init_iterations = 0`` skips it and starts from the identity).
@@ -420,28 +418,19 @@ class BlindDiffPIR(Method):
         refine_below: refine only at timesteps ``t <= refine_below`` (``x0_hat`` is blurry at high noise).
         centre: move the initial kernel so that its centre of mass is the central pixel, to sub-pixel accuracy
             (:func:`centre_kernel`; bilinear).
+        **settings: the DiffPIR sampler's, by keyword, as :class:`~diffpir.methods.DiffPIRMethod` (the current
+            kernel in the data step), with the defaults :attr:`SAMPLER_DEFAULTS` (20 steps from the classical
+            restoration diffused to ``t_start = 400``, ``zeta = 1``).
     """
 
     name = "blind_diffpir"
+    SAMPLER_DEFAULTS: ClassVar[dict[str, Any]] = {"steps": 20, "zeta": 1.0, "t_start": 400, "init": "classical"}
     # Restorations are compared to the truth after the best integer shift within this many pixels (a border
     # of that width is left out): blind deconvolution cannot tell a shifted image from a shifted kernel.
     align_shift: ClassVar[int] = 4
-    # The restoration module passes its sampler settings (steps, lambda_, zeta, ...) on to this method.
-    shares_sampler_args: ClassVar[bool] = True
 
     def __init__(
         self,
-        steps: int = 20,
-        lambda_: float = 7.0,
-        zeta: float = 1.0,
-        skip: Literal["quad", "uniform"] = "quad",
-        t_start: int | None = 400,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
-        clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical", "official"] = "classical",
-        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
-        batch_invariant: bool = False,
         kernel_size: int | None = None,
         levels: int | None = None,
         init_iterations: int = 5,
@@ -454,15 +443,15 @@ class BlindDiffPIR(Method):
         refine_every: int = 0,
         refine_below: int = 400,
         centre: bool = True,
+        **settings: Any,
     ):
-        values = locals()
-        self.sampler_kwargs: dict[str, Any] = {name: values[name] for name in DiffPIR.PARAMS}
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size}")
         if refine_every < 0 or init_iterations < 0 or kernel_iterations < 0:
             raise ValueError("refine_every, init_iterations and kernel_iterations must be >= 0")
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+        super().__init__(**settings)
         self.kernel_args: dict[str, Any] = {
             "kernel_size": kernel_size,
             "levels": levels,
@@ -477,39 +466,14 @@ class BlindDiffPIR(Method):
             "refine_below": refine_below,
             "centre": bool(centre),
         }
-        self.sampler = DiffPIR(NoiseSchedule.linear(), **self.sampler_kwargs)
         self.last_kernel: Tensor | None = None
 
-    # -- what the module and the callbacks read ---------------------------------------------------------------
-    @property
-    def nfe(self) -> int:
-        return self.sampler.nfe
-
-    @property
-    def lambda_(self) -> float:
-        return self.sampler.lambda_
-
-    @property
-    def zeta(self) -> float:
-        return self.sampler.zeta
-
     def config(self) -> dict[str, Any]:
-        return {**self.sampler_kwargs, **self.kernel_args}
+        return {**super().config(), **self.kernel_args}
 
     def extra_outputs(self) -> dict[str, Tensor]:
         """Per-image outputs of the last call besides the image: ``{"kernels": [N, kh, kw]}``."""
         return {} if self.last_kernel is None else {"kernels": self.last_kernel}
-
-    def sampler_for(self, schedule: NoiseSchedule) -> DiffPIR:
-        cur = self.sampler.schedule
-        if cur is not schedule and (
-            cur.T != schedule.T or (cur.host("alphas_cumprod") != schedule.host("alphas_cumprod")).any()
-        ):
-            kwargs = dict(self.sampler_kwargs)
-            if kwargs["t_start"] is not None and kwargs["t_start"] >= schedule.T:
-                kwargs["t_start"] = None
-            self.sampler = DiffPIR(schedule, **kwargs)
-        return self.sampler
 
     def _kernel_size(self, op: DataOperator, y: Tensor) -> int:
         size = self.kernel_args["kernel_size"]
@@ -588,7 +552,7 @@ class BlindDiffPIR(Method):
                 kernel = live.kernel.clone() if refined else kernel_used
                 callback(BlindStepState(**base, kernel=kernel, refined=refined))
 
-        x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step)
+        x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
         kernel = live.kernel.detach().float().clone()
         self.last_kernel = kernel
         return BlindResult(x, kernel)

@@ -5,25 +5,22 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+# The modules whose Method subclasses make up METHODS (imported for that).
+from diffpir.methods import blind, classical, ddnm, diffpir_method, dpir, dps  # noqa: F401
 from diffpir.methods.base import Method
-from diffpir.methods.blind import BlindDiffPIR
-from diffpir.methods.classical import Classical
-from diffpir.methods.ddnm import DDNM
-from diffpir.methods.diffpir_method import DiffPIRMethod
-from diffpir.methods.dpir import DPIR, DPIRFFDNet
-from diffpir.methods.dps import DPS
 
 __all__ = ["METHODS", "build_method", "method_parameters"]
 
-METHODS: dict[str, type[Method]] = {
-    "diffpir": DiffPIRMethod,
-    "dps": DPS,
-    "ddnm": DDNM,
-    "dpir": DPIR,
-    "dpir_ffdnet": DPIRFFDNet,
-    "classical": Classical,
-    "blind_diffpir": BlindDiffPIR,
-}
+
+def _named_subclasses(cls: type[Method]) -> list[type[Method]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += ([sub] if sub.name and sub.__module__.startswith("diffpir.") else []) + _named_subclasses(sub)
+    return out
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _named_subclasses(Method)}
+"""Every restoration method of :mod:`diffpir.methods` by its ``name`` (derived from the classes, not kept by hand)."""
 
 
 def method_parameters(name: str) -> set[str]:

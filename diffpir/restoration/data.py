@@ -28,8 +28,9 @@ images are restored.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -60,6 +61,7 @@ __all__ = [
     "image_keys",
 ]
 
+log = logging.getLogger("diffpir")
 Mode = Literal["benchmark", "real"]
 DEFAULT_MAX_PIXELS = 1 << 25
 """Images above this many pixels (33.5 M, e.g. 8192 x 4096) are refused unless ``max_pixels`` is raised."""
@@ -413,6 +415,8 @@ class RestorationDataModule(L.LightningDataModule):
         self.limit, self.crop, self.channels = limit, crop, channels
         self.max_pixels = max_pixels
         self.dataset: RestorationDataset | None = None
+        self._keys: list[str] = []
+        self._done: Callable[[str], bool] | None = None
         self.save_hyperparameters(ignore=["degradation"])
         self.hparams["degradation"] = self.degradation.to_dict()
 
@@ -443,6 +447,7 @@ class RestorationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         files, keys = self._files()
+        self._keys = list(keys)
         truth: dict[str, Path] = {}
         if self.truth_dir is not None:
             root = Path(self.truth_dir)
@@ -451,13 +456,29 @@ class RestorationDataModule(L.LightningDataModule):
         self.dataset = RestorationDataset(
             files, keys, self.degradation, self.mode, self._channels(), self.seed, truth, self.crop, self.max_pixels
         )
+        if self._done is not None:
+            self.skip_done(self._done)
+
+    def skip_done(self, done: Callable[[str], bool]) -> None:
+        """Leave out of the data set the images that ``done(key)`` reports finished (the
+        :class:`~diffpir.restoration.writer.RestorationWriter` calls this from its ``setup`` with its ``is_done``),
+        before a DistributedSampler splits the rest among the ranks, so that on a resume every rank gets a share of
+        what is left. :attr:`keys` still lists every requested image; applied again by a later :meth:`setup`."""
+        self._done = done
+        ds = self.dataset
+        if ds is None:
+            return
+        todo = [i for i, key in enumerate(ds.keys) if not done(key)]
+        if len(todo) < len(ds):
+            log.info("skipping %d of %d images already restored", len(ds) - len(todo), len(self._keys))
+            ds.files, ds.keys = [ds.files[i] for i in todo], [ds.keys[i] for i in todo]
 
     @property
     def keys(self) -> list[str]:
-        """The keys of the images to restore, in order (after :meth:`setup`)."""
+        """The keys of every requested image, in order, including those :meth:`skip_done` left out."""
         if self.dataset is None:
             self.setup("predict")
-        return list(self.dataset.keys)
+        return list(self._keys)
 
     def predict_dataloader(self) -> DataLoader:
         if self.dataset is None:

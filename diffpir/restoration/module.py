@@ -1,15 +1,16 @@
 """The LightningModule that restores images with DiffPIR (or a baseline) in ``predict_step``.
 
-One :class:`RestorationModule` holds a :class:`~diffpir.prior.Prior` and a :class:`~diffpir.sampler.DiffPIR`
-sampler (or, with ``method=``, another :class:`~diffpir.methods.Method`: ``dps``, ``ddnm``, ``dpir``,
-``dpir_ffdnet``, ``classical``); ``Trainer.predict`` feeds it batches from
-:class:`~diffpir.restoration.data.RestorationDataModule` and a :class:`~diffpir.restoration.writer.RestorationWriter`
-stores what it returns. Multi-GPU is Lightning's DDP.
+One :class:`RestorationModule` holds a :class:`~diffpir.prior.Prior` and a :class:`~diffpir.methods.Method`
+(:class:`~diffpir.methods.DiffPIRMethod` by default; ``DPS``, ``DDNM``, ``DPIR``, ``DPIRFFDNet``, ``Classical``,
+``BlindDiffPIR``), given as ``model.method`` (``class_path``/``init_args``) in a config; ``Trainer.predict``
+feeds it batches from :class:`~diffpir.restoration.data.RestorationDataModule` and a
+:class:`~diffpir.restoration.writer.RestorationWriter` stores what it returns. Multi-GPU is Lightning's DDP.
 
 Reproducibility: each image's sampler noise comes from its own generator seeded by ``(seed, image key)`` (the
 sampler's list-of-generators form; CPU generators, so a GPU run draws the same noise as a CPU run), hence an
 image's noise does not depend on the batch or rank it lands in. Its result is then bitwise the same whatever batch
-it lands in with ``batch_size: 1`` (the configs' default) or ``model.batch_invariant: true``, and the same to
+it lands in with ``batch_size: 1`` (the configs' default) or ``batch_invariant: true`` (DiffPIR's
+``model.method.init_args``), and the same to
 round-off otherwise (docs/reliability.md).
 """
 
@@ -25,12 +26,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from diffpir.methods import METHODS, DiffPIRMethod, Method, build_method, method_parameters
+from diffpir.methods import DiffPIRMethod, Method
+from diffpir.metrics import image_metrics
 from diffpir.prior import Prior
 from diffpir.priorfile import load_prior
 from diffpir.restoration.data import RestorationBatch
 from diffpir.restoration.tasks import image_generator
-from diffpir.sampler import DataOperator, DiffPIR, StepState
+from diffpir.sampler import DataOperator, StepState
 
 log = logging.getLogger("diffpir")
 
@@ -55,13 +57,11 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["METHOD_NAMES", "PRECISIONS", "RestorationModule", "StepHook", "StopRequested"]
+__all__ = ["PRECISIONS", "RestorationModule", "StepHook", "StopRequested"]
 
 PriorPrecision = Literal["32", "bf16", "16"]
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 StepHook = Callable[[StepState], None]
-MethodName = Literal["diffpir", "dps", "ddnm", "dpir", "dpir_ffdnet", "classical", "blind_diffpir"]
-METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 
 
 class RestorationModule(L.LightningModule):
@@ -71,26 +71,11 @@ class RestorationModule(L.LightningModule):
         prior: a prior file (safetensors, training ``.ckpt``, guided-diffusion ``.pt``) or a bundled prior name
             (``natural``, ``digits``); from Python also a :class:`~diffpir.prior.Prior` (tests, notebooks).
         preset: UNet preset for plain guided-diffusion state dicts (``ffhq_10m``, ``imagenet_256_uncond``).
-        steps: number of sampler steps (NFEs; the paper: 100). With another ``method`` it is passed on to the
-            methods that take it (``dps``, ``ddnm``).
-        lambda_: weight of the data term, ``rho_t = lambda_ * max(sigma_n, 0.001)^2 / sigma_bar_t^2``.
-        zeta: the share of fresh noise when re-noising (0: deterministic DDIM-like, 1: all fresh noise).
-        skip: timestep spacing, ``quad`` (the paper's, dense near t = 0) or ``uniform``.
-        t_start: first timestep (None: T - 1); below T - 1 the start is an estimate diffused to ``t_start``.
-        eta: DDIM stochasticity of the deterministic part (the official ``eta``; 0 by default).
-        guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (1: plain DiffPIR).
-        clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.
-        init: the start: ``noise``, ``measurement`` (y's initial estimate diffused to ``t_start``), ``classical``
-            (the task's classical restoration, diffused), ``official`` (as the official scripts start) or ``auto``
-            (measurement when ``t_start < T - 1``).
-        output: what is returned: ``x0_pred`` (the last prior prediction), ``x0_hat`` (with a last data step, as
-            Algorithm 1) or ``iterate`` (the last iterate, as the official scripts save it).
-        batch_invariant: run each image of a batch on its own in lockstep (bitwise the image alone).
-        method: the restoration method (:data:`diffpir.methods.METHODS`): ``"diffpir"`` (default), ``"dps"``,
-            ``"ddnm"``, ``"dpir"``, ``"dpir_ffdnet"``, ``"classical"`` or ``"blind_diffpir"`` (blind deblurring:
-            takes all the sampler settings above, estimates the kernel, see :class:`~diffpir.methods.BlindDiffPIR`).
-        method_args: keyword arguments of the method's class, overriding the above (e.g. ``{"scale": 0.5}`` for
-            ``dps``, ``{"iterations": 24}`` for ``dpir``; see :mod:`diffpir.methods`).
+        method: the restoration method (a :class:`~diffpir.methods.Method`; None:
+            :class:`~diffpir.methods.DiffPIRMethod` with the sampler's defaults). In a config, by ``class_path``
+            and ``init_args`` like ``model.net`` in training:
+            ``{class_path: diffpir.methods.DiffPIRMethod, init_args: {steps: 100, lambda_: 7.0}}``; the other
+            methods (``DPS``, ``DDNM``, ``DPIR``, ``DPIRFFDNet``, ``Classical``, ``BlindDiffPIR``) alike.
         prior_precision: ``"32"``, ``"bf16"`` or ``"16"``: the prior runs under ``torch.autocast`` with that dtype
             on CUDA; on the CPU it always runs in float32. The sampler's own arithmetic stays float32.
         seed: seeds each image's sampler noise together with its key.
@@ -104,26 +89,17 @@ class RestorationModule(L.LightningModule):
 
     ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
     ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and
-    ``seconds`` (the batch's sampling time per image). Images a writer reports done are skipped unsampled. An image
-    whose restoration holds NaN or infinite values (a diverging sampler) is returned as a failure (``key``,
-    ``error``) instead, so it is listed in ``failed.json``, makes the exit status non-zero and is retried on a rerun.
+    ``seconds`` (the batch's sampling time per image). Images a writer reports done never reach it (the data module
+    leaves them out). An image whose restoration holds NaN or infinite values (a diverging sampler) is returned as a
+    failure (``key``, ``error``) instead, so it is listed in ``failed.json``, makes the exit status non-zero and is
+    retried on a rerun.
     """
 
     def __init__(
         self,
         prior: str = "natural",  # or a Prior object from Python; typed str so that the CLI never reads the file
         preset: str | None = None,
-        steps: int = 100,
-        lambda_: float = 7.0,
-        zeta: float = 0.3,
-        skip: Literal["quad", "uniform"] = "quad",
-        t_start: int | None = None,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
-        clip_denoised: bool = True,
-        init: Literal["auto", "noise", "measurement", "classical", "official"] = "auto",
-        output: Literal["x0_pred", "x0_hat", "iterate"] = "x0_pred",
-        batch_invariant: bool = False,
+        method: Method | None = None,
         prior_precision: PriorPrecision = "32",
         seed: int = 0,
         lpips: bool | None = None,
@@ -132,18 +108,19 @@ class RestorationModule(L.LightningModule):
         tile_size: int | None = 512,
         tile_overlap: int = 32,
         tile_batch: int = 4,
-        method: MethodName = "diffpir",
-        method_args: dict[str, Any] | None = None,
     ):
         super().__init__()
         prior_precision = str(prior_precision)
         if prior_precision not in PRECISIONS:
             raise ValueError(f"prior_precision must be one of {list(PRECISIONS)}, got {prior_precision!r}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-        method_args = dict(method_args or {})
-        self.save_hyperparameters(ignore=["prior"])
+        self.method: Method = DiffPIRMethod() if method is None else method
+        if not isinstance(self.method, Method):
+            raise ValueError(f"method must be a diffpir.methods.Method, got {type(self.method).__name__}")
+        self.save_hyperparameters(ignore=["prior", "method"])
         self.hparams["prior"] = prior if isinstance(prior, str) else f"<{type(prior).__name__} object>"
+        # The method as a config would give it (what settings.json and summary.json record).
+        cls, method_config = type(self.method), self.method.config()
+        self.hparams["method"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": method_config}
         self.hparams["prior_precision"] = prior_precision
         self.prior: Prior = load_prior(prior, preset=preset) if isinstance(prior, str) else prior
         self.prior.requires_grad_(False).eval()
@@ -152,21 +129,10 @@ class RestorationModule(L.LightningModule):
             from diffpir.tiling import TiledPrior
 
             self.prior = TiledPrior.wrap(self.prior, tile_size, tile_overlap, tile_batch)
-        # The sampler's settings, by name (DiffPIR.PARAMS), from the saved hyper-parameters.
-        sampler_args = {name: self.hparams[name] for name in DiffPIR.PARAMS}
-        if method == "diffpir":
-            self.sampler: DiffPIR | Method = DiffPIR(self.prior.schedule, **{**sampler_args, **method_args})
-            self.method: Method = DiffPIRMethod(sampler=self.sampler)
-        elif getattr(METHODS[method], "shares_sampler_args", False):  # blind_diffpir: all sampler settings
-            self.method = build_method(method, **{**sampler_args, **method_args})
-            self.sampler = self.method
-        else:
-            shared = {"steps": steps} if "steps" in method_parameters(method) else {}
-            self.method = build_method(method, **{**shared, **method_args})
-            self.sampler = self.method  # what the callbacks read (.nfe)
         self.seed = int(seed)
         self.show_steps = show_steps
         self.images_sampled = 0  # images run through the sampler by this process (skipped ones excluded)
+        self.step_hooks: list[Callable[[RestorationBatch], StepHook | None]] = []  # see add_step_hook
         self.__dict__["_lpips_metric"] = None  # not a submodule: kept out of state_dict and hparams
 
     @property
@@ -182,22 +148,6 @@ class RestorationModule(L.LightningModule):
 
             if want or lpips_available(self.hparams.lpips_net):
                 self.__dict__["_lpips_metric"] = LPIPSMetric(self.hparams.lpips_net).to(self.device)
-
-    @torch.no_grad()
-    def compute_metrics(self, restored: Tensor, truth: Tensor) -> list[dict[str, float]]:
-        """PSNR and SSIM on uint8-quantised images (and LPIPS when enabled) per image, as dicts."""
-        from diffpir.metrics import psnr, ssim
-
-        values: dict[str, Tensor] = {"psnr": psnr(restored, truth)}
-        if min(truth.shape[-2:]) >= 11:  # SSIM's 11x11 window
-            values["ssim"] = ssim(restored, truth)
-        metric = self.__dict__["_lpips_metric"]
-        if metric is not None and min(truth.shape[-2:]) >= 32:  # the backbones pool 4-5 times
-            a, b = restored, truth
-            if a.shape[1] == 1:
-                a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
-            values["lpips"] = metric(a, b)
-        return [{k: float(v[i]) for k, v in values.items()} for i in range(truth.shape[0])]
 
     @torch.no_grad()
     def reference_metrics(self, batch: RestorationBatch) -> list[dict[str, float]]:
@@ -217,28 +167,21 @@ class RestorationModule(L.LightningModule):
         y, x = batch.y.float(), batch.x
         shown = y if tuple(y.shape[-2:]) == tuple(x.shape[-2:]) else batch.op.initial_estimate(y)
         values = {"psnr_input": psnr(shown.clamp(0, 1), x)}
-        if self.hparams.method != "classical" and not isinstance(batch.op, BlindBlur):
+        if not isinstance(self.method, Classical) and not isinstance(batch.op, BlindBlur):
             baseline = Classical()(y, batch.op, None, sigma_n=batch.sigma_n)
             values["psnr_classical"] = psnr(baseline.clamp(0, 1), x)
         return [{k: float(v[i]) for k, v in values.items()} for i in range(x.shape[0])]
 
     # -- prediction -------------------------------------------------------------------------------------------
-    def _done_checks(self) -> list[Callable[[str], bool]]:
-        trainer = self._trainer
-        if trainer is None:
-            return []
-        return [cb.is_done for cb in trainer.callbacks if callable(getattr(cb, "is_done", None))]
+    def add_step_hook(self, make: Callable[[RestorationBatch], StepHook | None]) -> None:
+        """Register ``make(batch) -> hook or None``: each sampled batch's hook is called with every step's
+        :class:`~diffpir.sampler.StepState` (e.g. :class:`~diffpir.restoration.TrajectoryLogger` registers one in
+        its ``setup``)."""
+        if make not in self.step_hooks:
+            self.step_hooks.append(make)
 
     def _step_hooks(self, batch: RestorationBatch) -> list[StepHook]:
-        trainer = self._trainer
-        hooks: list[StepHook] = []
-        if trainer is not None:
-            for cb in trainer.callbacks:
-                make = getattr(cb, "sampler_callback", None)
-                hook = make(self, batch) if callable(make) else None
-                if hook is not None:
-                    hooks.append(hook)
-        return hooks
+        return [hook for hook in (make(batch) for make in self.step_hooks) if hook is not None]
 
     def _stop_requested(self) -> bool:
         """Whether the process got SIGTERM (Lightning's signal connector records it and lets the run go on)."""
@@ -248,21 +191,17 @@ class RestorationModule(L.LightningModule):
     def predict_step(
         self, batch: RestorationBatch | Sequence[RestorationBatch], batch_idx: int = 0, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        """Restore every image of ``batch`` (one or several size groups) not yet done; one dict per image."""
+        """Restore every image of ``batch`` (one or several size groups; the data module has left out the images
+        the writer reports done); one dict per image."""
         if self._stop_requested():
             raise StopRequested("SIGTERM")
         groups = [batch] if isinstance(batch, RestorationBatch) else list(batch)
-        done = self._done_checks()
         out: list[dict[str, Any]] = []
         for group in groups:
             if out and self._stop_requested():
                 break  # the groups restored so far are written; the next predict_step stops the run
-            todo = [i for i, k in enumerate(group.keys) if not any(check(k) for check in done)]
-            if not todo:
-                continue
-            if len(todo) < len(group):
-                group = group.select(todo)
-            out.extend(self._restore_or_split(group))
+            if len(group):  # an image-less group carries only failures (the writer records them)
+                out.extend(self._restore_or_split(group))
         return out
 
     def _restore_or_split(self, batch: RestorationBatch) -> list[dict[str, Any]]:
@@ -364,9 +303,9 @@ class RestorationModule(L.LightningModule):
         return {name: v.detach().cpu() for name, v in get().items()} if callable(get) else {}
 
     def _metrics(self, restored: Tensor, batch: RestorationBatch, extras: dict[str, Tensor]) -> list[dict[str, float]]:
-        """:meth:`compute_metrics` against the truth (after the best integer alignment within the method's
-        ``align_shift`` pixels, border of that width left out), plus ``kernel_ncc`` when the method estimated a
-        kernel and the true one is known."""
+        """:func:`~diffpir.metrics.image_metrics` against the truth (after the best integer alignment within the
+        method's ``align_shift`` pixels, border of that width left out), plus ``kernel_ncc`` when the method
+        estimated a kernel and the true one is known."""
         if batch.x is None:
             metrics: list[dict[str, float]] = [{} for _ in batch.keys]
         else:
@@ -376,7 +315,8 @@ class RestorationModule(L.LightningModule):
                 from diffpir.methods.blind import align_images
 
                 a, b, _ = align_images(restored, batch.x, shift)
-            metrics = self.compute_metrics(a, b)
+            lpips = self.__dict__["_lpips_metric"]
+            metrics = image_metrics(a, b, None if lpips is None else {"lpips": lpips})
         if "kernels" in extras and "kernel" in batch.params:
             from diffpir.methods.blind import kernel_ncc
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from diffpir.io import safe_output_name
 from diffpir.operators import Blur
 from diffpir.restoration.data import RestorationBatch
+from diffpir.restoration.writer import RestorationWriter
 from diffpir.sampler import StepState
 
 __all__ = ["TrajectoryLogger"]
@@ -64,12 +65,14 @@ class TrajectoryLogger(Callback):
         self._chosen: set[str] = set()
         self._writer = None
         self._rank = 0
+        self._module: Any = None
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         self._rank = trainer.global_rank
+        self._module = pl_module
         if self.keys is not None:
             self._chosen = set(self.keys)
         elif self.first_k > 0:
@@ -80,9 +83,10 @@ class TrajectoryLogger(Callback):
         else:
             self._chosen = set()
         if self.log_dir is None:
-            writer_dirs = [cb.output_dir for cb in trainer.callbacks if hasattr(cb, "is_done")]
+            writer_dirs = [cb.output_dir for cb in trainer.callbacks if isinstance(cb, RestorationWriter)]
             # trainer.log_dir broadcasts: every rank computes it here, in setup.
             self.log_dir = str(Path(writer_dirs[0]) / "tensorboard") if writer_dirs else trainer.log_dir
+        pl_module.add_step_hook(self.sampler_callback)
 
     @property
     def chosen(self) -> set[str]:
@@ -103,12 +107,13 @@ class TrajectoryLogger(Callback):
             self._writer = None
 
     # -- the sampler hook -------------------------------------------------------------------------------------
-    def sampler_callback(self, pl_module: Any, batch: RestorationBatch):
-        """A per-step callback for the sampler on ``batch``, or None when no chosen image is in it."""
+    def sampler_callback(self, batch: RestorationBatch):
+        """A per-step callback for the sampler on ``batch``, or None when no chosen image is in it (registered on
+        the module in :meth:`setup`)."""
         idx = [i for i, k in enumerate(batch.keys) if k in self._chosen]
-        if not idx:
+        if not idx or self._module is None:
             return None
-        nfe = pl_module.sampler.nfe
+        nfe = self._module.method.nfe
         every = self.every
         tags = {i: f"trajectory/{safe_output_name(batch.keys[i])}" for i in idx}
         sel = torch.tensor(idx, device=batch.y.device)

@@ -22,9 +22,10 @@ dead diffpir processes in its own folders (not recursively, never those of a liv
 Nothing is written through a symbolic link: the part files are opened with ``O_NOFOLLOW`` and a sub-folder that is a
 link stops the run. Rows are appended to the part files with ``write`` calls checked for short writes (a line that a
 crash still cut short is skipped when reading, and the next run starts on a fresh line). An image counts as done when
-all its requested PNGs exist and its metrics row does; the module skips done images without sampling them, so a
-rerun only restores what is missing (an image whose row was lost is restored again), and restores it exactly as an
-uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are written.
+all its requested PNGs exist and its metrics row does; the data module leaves done images out (told by the writer's
+``setup``), so a rerun only restores what is missing (an image whose row was lost is restored again), and restores
+it exactly as an uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are
+written.
 
 Settings: ``settings.json`` records the module's and the data's settings (those that change the outputs; the prior
 file by its SHA-256). A rerun with the same settings resumes; a rerun with other settings is refused before anything
@@ -67,6 +68,7 @@ from torch import Tensor
 
 from diffpir.checkpoints import atomic_output
 from diffpir.io import remove_temp_files, safe_output_name, write_png_atomic
+from diffpir.restoration.data import RestorationDataModule
 
 SUBDIRS = ("restored", "degraded", "grid", "metrics")
 """The writer's sub-folders of ``output_dir``."""
@@ -333,6 +335,7 @@ class RestorationWriter(BasePredictionWriter):
         self.failed = 0  # images that could not be restored (after on_predict_end, on every rank)
         self.missing = 0  # requested images neither restored nor failed (after on_predict_end, on every rank)
         self._rows: set[str] | None = None  # keys with a metrics row (read from the part files once)
+        self._started = False  # on_predict_start ran (else teardown merges: every image was done)
 
     # -- paths ------------------------------------------------------------------------------------------------
     def path(self, kind: str, key: str) -> Path:
@@ -479,12 +482,30 @@ class RestorationWriter(BasePredictionWriter):
             else:
                 self.write_item(trainer, item)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Tell the data module which images are done (:meth:`is_done`), so that it leaves them out before the
+        images are split among the ranks (every rank runs this after the data module's setup, before any writes)."""
+        self._started = False
+        if stage != "predict":
+            return
+        # the folder's settings first: a run with other settings is refused even when every image looks done
+        self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
+        if isinstance(trainer.datamodule, RestorationDataModule):
+            trainer.datamodule.skip_done(self.is_done)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """When every image was done already, Lightning runs no prediction (nor ``on_predict_end``): merge and
+        report here (rank 0; no rank wrote anything)."""
+        if stage == "predict" and not self._started and trainer.is_global_zero:
+            self._merge(trainer, pl_module)
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the folder (no linked sub-folders, the same settings as its outputs), then remove the temporary files
-        killed runs left (rank 0, before any rank writes) and read which images have their metrics row."""
+        """Check the folder (no linked sub-folders; its settings were checked in :meth:`setup`), then remove the
+        temporary files killed runs left (rank 0, before any rank writes) and read which images have their metrics
+        row."""
+        self._started = True
         for sub in SUBDIRS:
             _refuse_link(self.output_dir / sub)
-        self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
         if trainer.is_global_zero:
             for p in remove_temp_files(self.output_dir, SUBDIRS):
                 log.info("removed %s, left by an interrupted run", p)
@@ -496,16 +517,20 @@ class RestorationWriter(BasePredictionWriter):
         trainer.strategy.barrier("restoration_writer_merge")
         failed = missing = 0
         if trainer.is_global_zero:
-            dm = trainer.datamodule
-            keys = list(dm.keys) if dm is not None and hasattr(dm, "keys") else None
-            settings = {"model": _public(pl_module.hparams)}
-            if dm is not None:
-                settings["data"] = _public(dm.hparams)
-            settings["world_size"] = trainer.world_size
-            self.summary = merge_metrics(self.output_dir, keys, settings)
-            failed, missing = int(self.summary["failed"]), int(self.summary["missing"])
-            self._report(self.summary)
+            failed, missing = self._merge(trainer, pl_module)
         self.failed, self.missing = (int(v) for v in trainer.strategy.broadcast((failed, missing), src=0))
+
+    def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, int]:
+        dm = trainer.datamodule
+        keys = list(dm.keys) if isinstance(dm, RestorationDataModule) else None
+        settings = {"model": _public(pl_module.hparams)}
+        if dm is not None:
+            settings["data"] = _public(dm.hparams)
+        settings["world_size"] = trainer.world_size
+        self.summary = merge_metrics(self.output_dir, keys, settings)
+        self._report(self.summary)
+        self.failed, self.missing = int(self.summary["failed"]), int(self.summary["missing"])
+        return self.failed, self.missing
 
     def _report(self, summary: dict[str, Any]) -> None:
         n, m, k, missing = summary["count"], summary["requested"], summary["failed"], summary["missing"]
