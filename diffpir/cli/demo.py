@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser
 
     ap = ArgumentParser(prog="diffpir-demo", description="Restore the bundled sample photos for every paper task.")
-    ap.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    ap.add_argument("--prior", default="natural", help="a bundled prior name or a prior file (default: natural)")
+    ap.add_argument("--out", default="outputs/demo", help="output folder")
+    ap.add_argument("--prior", default="natural", help="a bundled prior name or a prior file")
     ap.add_argument(
         "--steps",
         type=int,

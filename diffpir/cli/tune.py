@@ -234,7 +234,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
     p.add_argument("--prior", default=None, help="prior file or bundled name (default: the config's model.prior)")
     p.add_argument("--images", default=None, help="validation images (default: config's data.images or samples)")
-    p.add_argument("--limit", type=int, default=3, help="validation images to use (default 3)")
+    p.add_argument("--limit", type=int, default=3, help="validation images to use")
     p.add_argument("--crop", type=int, default=None, help="centre-crop the images to at most CROP px")
     p.add_argument("--sigma-n", type=float, default=None, help="noise level to tune for (sets data.degradation)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.method.init_args.steps)")
