@@ -234,6 +234,32 @@ def test_kernel_refinement_during_sampling_keeps_the_constraints(tiny_prior):
     assert (res.kernel >= 0).all() and abs(float(res.kernel.sum()) - 1) < 1e-5
 
 
+def test_a_second_pass_takes_the_kernel_step_on_the_first_restoration(tiny_prior):
+    x = edges_image(1, size=32, seed=22).float()
+    k = motion_kernel(9, 0.5, generator=gen(23))
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(24))
+    one = BlindDiffPIR(steps=3, t_start=200, kernel_size=9, init_iterations=0)
+    two = BlindDiffPIR(steps=3, t_start=200, kernel_size=9, init_iterations=0, passes=2)
+    assert (one.nfe, two.nfe) == (3, 6)
+    g = gen(5)
+    first = one.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=g)
+    states = []
+    res = two.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5), callback=states.append)
+    # the second pass's kernel: the (centred) kernel step given the first pass's restoration, warm-started
+    expected = centre_kernel(
+        estimate_kernel(first.image.clamp(0, 1), y, 9, 1e-3, 1e-3, 30, 0.05, init=first.kernel.double())
+    )
+    assert torch.allclose(res.kernel.double(), expected, atol=1e-6)
+    # ... then DiffPIR again, continuing the same generator, with that kernel
+    again = one.sampler_for(tiny_prior.schedule)(
+        y, Blur(res.kernel, normalize=False), tiny_prior, sigma_n=0.01, generator=g, x_init=one.start()
+    )
+    assert torch.allclose(res.image, again, atol=1e-5)
+    assert len(states) == 3 and all(torch.equal(s.kernel, res.kernel) for s in states)  # one trajectory: the last
+    with pytest.raises(ValueError, match="passes"):
+        BlindDiffPIR(passes=0)
+
+
 def test_blind_task_hides_the_kernel():
     spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=15)
     params = synthesize_params(spec, "img", 32, 32, seed=0)

@@ -418,6 +418,8 @@ class BlindDiffPIR(DiffPIRMethod):
         refine_below: refine only at timesteps ``t <= refine_below`` (``x0_hat`` is blurry at high noise).
         centre: move the initial kernel so that its centre of mass is the central pixel, to sub-pixel accuracy
             (:func:`centre_kernel`; bilinear).
+        passes: run DiffPIR this many times; before each pass after the first, a kernel step given the previous
+            pass's restoration (then centred as above). Each pass costs the sampler's NFEs.
         **settings: the DiffPIR sampler's, by keyword, as :class:`~diffpir.methods.DiffPIRMethod` (the current
             kernel in the data step), with the defaults :attr:`SAMPLER_DEFAULTS` (20 steps from the classical
             restoration diffused to ``t_start = 400``, ``zeta = 1``).
@@ -443,12 +445,15 @@ class BlindDiffPIR(DiffPIRMethod):
         refine_every: int = 0,
         refine_below: int = 400,
         centre: bool = True,
+        passes: int = 1,
         **settings: Any,
     ):
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size}")
         if refine_every < 0 or init_iterations < 0 or kernel_iterations < 0:
             raise ValueError("refine_every, init_iterations and kernel_iterations must be >= 0")
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
         super().__init__(**settings)
@@ -465,8 +470,13 @@ class BlindDiffPIR(DiffPIRMethod):
             "refine_every": refine_every,
             "refine_below": refine_below,
             "centre": bool(centre),
+            "passes": int(passes),
         }
         self.last_kernel: Tensor | None = None
+
+    @property
+    def nfe(self) -> int:
+        return self.kernel_args["passes"] * super().nfe
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.kernel_args}
@@ -528,6 +538,8 @@ class BlindDiffPIR(DiffPIRMethod):
         live = _LiveBlur(k0.to(device=y.device, dtype=torch.float32), normalize=False)
         every, below = ka["refine_every"], ka["refine_below"]
         y32 = y.float()
+        passes = ka["passes"]
+        final_pass = [passes == 1]  # only the last pass is shown to the callback (one trajectory)
 
         def step(state: StepState) -> None:
             refined = False
@@ -547,12 +559,26 @@ class BlindDiffPIR(DiffPIRMethod):
                 )
                 live.kernel.copy_(k.to(live.kernel.dtype))
                 refined = True
-            if callback is not None:
+            if callback is not None and final_pass[0]:
                 base = {f.name: getattr(state, f.name) for f in fields(StepState)}
                 kernel = live.kernel.clone() if refined else kernel_used
                 callback(BlindStepState(**base, kernel=kernel, refined=refined))
 
         x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+        for i in range(1, passes):  # the kernel step given the last restoration, then DiffPIR with the new kernel
+            k = estimate_kernel(
+                x.clamp(0, 1).float(),
+                y32,
+                size,
+                ka["alpha"],
+                ka["beta"],
+                ka["kernel_iterations"],
+                ka["threshold"],
+                init=live.kernel.to(torch.float64),
+            )
+            live.kernel.copy_((centre_kernel(k) if ka["centre"] else k).to(live.kernel.dtype))
+            final_pass[0] = i == passes - 1
+            x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
         kernel = live.kernel.detach().float().clone()
         self.last_kernel = kernel
         return BlindResult(x, kernel)
