@@ -99,7 +99,8 @@ def test_registry_holds_every_method():
 
 
 def test_build_method_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown method 'ddrm'; known methods: diffpir, blind_diffpir"):
+    known = "diffpir, dps, ddnm, dpir, dpir_ffdnet, classical, blind_diffpir"  # the listing order of METHODS
+    with pytest.raises(ValueError, match=f"unknown method 'ddrm'; known methods: {known}"):
         build_method("ddrm")
     with pytest.raises(ValueError, match=r"method 'dps' takes no argument\(s\) \['lambda_'\]"):
         build_method("dps", lambda_=7.0)

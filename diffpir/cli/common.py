@@ -38,6 +38,8 @@ def quiet_console() -> None:
         if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
             logger.addFilter(_DropLightningNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The demo and diffpir-tune build the restore CLI with args= while their own flags are in sys.argv.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     # Child processes of Lightning's DDP launcher re-run the command: they inherit the filters through here.
 
 

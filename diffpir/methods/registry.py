@@ -5,8 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-# The modules whose Method subclasses make up METHODS (imported for that).
-from diffpir.methods import blind, classical, ddnm, diffpir_method, dpir, dps  # noqa: F401
+from diffpir.methods import blind, classical, ddnm, diffpir_method, dpir, dps
 from diffpir.methods.base import Method
 
 __all__ = ["METHODS", "build_method", "method_parameters"]
@@ -19,7 +18,19 @@ def _named_subclasses(cls: type[Method]) -> list[type[Method]]:
     return out
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _named_subclasses(Method)}
+# The modules whose Method subclasses make up METHODS, in the order tables and CLIs list them (within a module:
+# the order of definition).
+_MODULES = [m.__name__ for m in (diffpir_method, dps, ddnm, dpir, classical, blind)]
+
+
+def _listing_order(cls: type[Method]) -> int:
+    return _MODULES.index(cls.__module__) if cls.__module__ in _MODULES else len(_MODULES)
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in sorted(_named_subclasses(Method), key=_listing_order)  # sorted() is stable
+}
 """Every restoration method of :mod:`diffpir.methods` by its ``name`` (derived from the classes, not kept by hand)."""
 
 
