@@ -208,7 +208,8 @@ def _aggregate(args, per_image, sampler_args, method_args, spec) -> dict:
             "degradation": spec.to_dict(),
             "sampler": sampler_args,
             "method_args": method_args,
-            "nfe": int(sampler_args.get("steps", 0)),
+            "nfe": int(sampler_args.get("steps", 0)) * int(method_args.get("passes", 1)),  # the blind method's
+            "nfe_nonblind": int(sampler_args.get("steps", 0)),
             "align_px": ALIGN,
             "seed": args.seed,
             "threads": args.threads,
@@ -237,7 +238,8 @@ def _markdown(res: dict) -> str:
     lines = [
         f"Blind deblurring, {m['images']} {m['split']} crops of {m['size']} px, camera-shake kernels up to "
         f"{m['degradation']['kernel_size']}x{m['degradation']['kernel_size']}, sigma_n {m['degradation']['sigma_n']}, "
-        f"{m['nfe']} NFEs, prior `{m['prior']}`, CPU ({m['threads']} thread). PSNR/SSIM after the best integer "
+        f"{m['nfe']} NFEs (non-blind DiffPIR: {m.get('nfe_nonblind', m['nfe'])}), prior `{m['prior']}`, "
+        f"CPU ({m['threads']} thread). PSNR/SSIM after the best integer "
         f"alignment within {m['align_px']} px (border of {m['align_px']} px left out); mean ± std (min .. max).",
         "",
         "| method | PSNR (dB) | SSIM | kernel NCC | s / image |",
