@@ -541,23 +541,17 @@ class BlindDiffPIR(DiffPIRMethod):
         passes = ka["passes"]
         final_pass = [passes == 1]  # only the last pass is shown to the callback (one trajectory)
 
+        def kernel_step(x0: Tensor) -> Tensor:
+            """The kernel given the image estimate ``x0`` in [0, 1], warm-started from the current one."""
+            args = (ka["alpha"], ka["beta"], ka["kernel_iterations"], ka["threshold"])
+            return estimate_kernel(x0, y32, size, *args, init=live.kernel.to(torch.float64))
+
         def step(state: StepState) -> None:
             refined = False
             kernel_used = live.kernel.detach().clone()
             last = state.t_next is None
             if every and not last and state.t <= below and state.index % every == 0:
-                x0 = (state.x0_hat.float() + 1) / 2
-                k = estimate_kernel(
-                    x0,
-                    y32,
-                    size,
-                    ka["alpha"],
-                    ka["beta"],
-                    ka["kernel_iterations"],
-                    ka["threshold"],
-                    init=live.kernel.to(torch.float64),
-                )
-                live.kernel.copy_(k.to(live.kernel.dtype))
+                live.kernel.copy_(kernel_step((state.x0_hat.float() + 1) / 2).to(live.kernel.dtype))
                 refined = True
             if callback is not None and final_pass[0]:
                 base = {f.name: getattr(state, f.name) for f in fields(StepState)}
@@ -566,16 +560,7 @@ class BlindDiffPIR(DiffPIRMethod):
 
         x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
         for i in range(1, passes):  # the kernel step given the last restoration, then DiffPIR with the new kernel
-            k = estimate_kernel(
-                x.clamp(0, 1).float(),
-                y32,
-                size,
-                ka["alpha"],
-                ka["beta"],
-                ka["kernel_iterations"],
-                ka["threshold"],
-                init=live.kernel.to(torch.float64),
-            )
+            k = kernel_step(x.clamp(0, 1).float())
             live.kernel.copy_((centre_kernel(k) if ka["centre"] else k).to(live.kernel.dtype))
             final_pass[0] = i == passes - 1
             x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())

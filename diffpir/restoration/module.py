@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffpir.methods import DiffPIRMethod, Method
 from diffpir.metrics import image_metrics
@@ -133,7 +133,7 @@ class RestorationModule(L.LightningModule):
         self.show_steps = show_steps
         self.images_sampled = 0  # images run through the sampler by this process (skipped ones excluded)
         self.step_hooks: list[Callable[[RestorationBatch], StepHook | None]] = []  # see add_step_hook
-        self.__dict__["_lpips_metric"] = None  # not a submodule: kept out of state_dict and hparams
+        self.lpips_metric: nn.Module | None = None  # built in on_predict_start when LPIPS is wanted
 
     @property
     def channels(self) -> int:
@@ -147,7 +147,7 @@ class RestorationModule(L.LightningModule):
             from diffpir.metrics import LPIPSMetric, lpips_available
 
             if want or lpips_available(self.hparams.lpips_net):
-                self.__dict__["_lpips_metric"] = LPIPSMetric(self.hparams.lpips_net).to(self.device)
+                self.lpips_metric = LPIPSMetric(self.hparams.lpips_net).to(self.device)
 
     @torch.no_grad()
     def reference_metrics(self, batch: RestorationBatch) -> list[dict[str, float]]:
@@ -315,7 +315,7 @@ class RestorationModule(L.LightningModule):
                 from diffpir.methods.blind import align_images
 
                 a, b, _ = align_images(restored, batch.x, shift)
-            lpips = self.__dict__["_lpips_metric"]
+            lpips = self.lpips_metric
             metrics = image_metrics(a, b, None if lpips is None else {"lpips": lpips})
         if "kernels" in extras and "kernel" in batch.params:
             from diffpir.methods.blind import kernel_ncc
