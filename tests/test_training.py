@@ -396,6 +396,20 @@ def test_compiled_forward_keeps_the_checkpoint_keys():
     assert module._compiled is not None and module._compiled._orig_mod is module.net
 
 
+def test_compiled_training_step_runs_and_matches_the_plain_one(monkeypatch):
+    """The compiled forward is actually called in a training step (the eager backend keeps this fast; the GPU
+    script compiles with inductor) and gives the plain network's loss."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    module = DiffusionModule(tiny_net())
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = module.model_step(x, torch.Generator().manual_seed(1))["loss"]
+    module.enable_compile()
+    compiled = module.model_step(x, torch.Generator().manual_seed(1))["loss"]
+    torch.testing.assert_close(compiled, plain)
+
+
 def test_channel_mismatch_is_reported(images: Path):
     module = DiffusionModule(build_unet("tiny"))
     with pytest.raises(ValueError, match="data has 1 channel.*network takes 3"):

@@ -223,7 +223,8 @@ class DiffusionModule(LightningModule):
         return prior_payload(self.net, self.schedule, self.hparams.get("prediction", "eps"))
 
     def _forward_train(self, x: Tensor, t: Tensor) -> Tensor:
-        return (self._compiled or self.net)(x, t)
+        # Not `self._compiled or self.net`: truth-testing a compiled module calls len() on it, a TypeError.
+        return (self.net if self._compiled is None else self._compiled)(x, t)
 
     @staticmethod
     def _images(batch: Any) -> Tensor:
