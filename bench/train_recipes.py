@@ -3,6 +3,7 @@
     python bench/train_recipes.py [--recipes ddpm min_snr v v_min_snr quad] [--steps 400] [--batch 32]
                                   [--threads 2] [--data data/digits] [--out bench/results/train_recipes]
     python bench/train_recipes.py --throughput [--threads 2]         # CPU img/s: threads, channels_last, bf16, compile
+    python bench/train_recipes.py --priors digits runs/x/last.ckpt [--box-steps 100]  # score trained priors alike
 
 Every recipe trains the same network (the ``digits`` UNet preset, the same initial weights), on the same data in the
 same order (``data/digits/train``, ``python scripts/prepare_data.py digits``), for the same steps x batch, with the
@@ -17,8 +18,9 @@ same optimiser, warm-up and EMA as ``configs/train/digits.yaml``, through ``Diff
   steps (``timestep_sampling="quad"``);
 - ``v_min_snr_quad``: all three.
 
-The held-out digits (``data/digits/val``, never trained on) are split by file order: the first half
-("validation") is kept for choosing settings, the second half ("evaluation") gives every number in the table:
+The held-out digits (``data/digits/val``, never trained on, 50 per class) are split in two halves with every class
+in each (:func:`held_out_halves`): "validation" is kept for choosing settings, "evaluation" gives every number in
+the table (its order is shuffled once, seeded, so the first ``--restore-count`` digits mix all classes too):
 
 1. one-step denoising PSNR at sigma 15/25/50 (0-255 scale) with the EMA weights (``Prior.denoise``);
 2. sample quality: 256 DDIM samples (50 steps, eta 0) judged by a small CNN classifier that this script trains on the
@@ -27,8 +29,11 @@ The held-out digits (``data/digits/val``, never trained on) are split by file or
    classifier's 64-d penultimate features of the samples and of the evaluation digits (a digit-domain FID: lower is
    closer to real digits);
 3. DiffPIR at equal NFEs on the evaluation digits: box inpainting (12x14 box in the middle, lambda 1, zeta 1,
-   20 NFEs, the model card's setting) against the harmonic fill, and Gaussian deblurring (9x9, std 2, sigma_n 0.05,
+   20 NFEs by default, ``--box-steps``) against the harmonic fill, and Gaussian deblurring (9x9, std 2, sigma_n 0.05,
    lambda 7, zeta 0.3, 20 NFEs) against Wiener deconvolution.
+
+``--priors`` skips the training and scores finished priors (bundled names, exports or Lightning checkpoints) the
+same way, e.g. the bundled ``digits`` prior before and after a retraining.
 
 Spread: each PSNR is reported as mean +- standard error over the evaluation digits. Writes
 ``<out>.json`` and ``<out>.md`` (and ``docs/figures/train_recipes.png`` with ``--plot``).
@@ -80,6 +85,19 @@ def load_split(folder: Path) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
+def held_out_halves(images: Tensor, labels: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(validation, evaluation): alternate digits of each class (the files are sorted by class, so a split by file
+    order would give one half the classes 0-4 and the other 5-9); the evaluation half in a seeded random order."""
+    val_idx, eval_idx = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        val_idx.append(idx[0::2])
+        eval_idx.append(idx[1::2])
+    v, e = torch.cat(val_idx), torch.cat(eval_idx)
+    e = e[torch.randperm(len(e), generator=torch.Generator().manual_seed(0))]
+    return (images[v], labels[v]), (images[e], labels[e])
+
+
 def mean_se(values: Tensor) -> tuple[float, float]:
     v = values.double()
     return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
@@ -87,24 +105,16 @@ def mean_se(values: Tensor) -> tuple[float, float]:
 
 # -- the judge ------------------------------------------------------------------------------------------------------
 class DigitNet(nn.Module):
-    """A small CNN digit classifier; ``features`` is the 64-d penultimate layer."""
+    """A small CNN digit classifier (three conv + batch-norm blocks); ``features`` is the 64-d penultimate layer."""
 
-    def __init__(self):
+    def __init__(self, width: int = 32):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(256, 64),
-            nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        chans = (1, width, 2 * width, 4 * width)
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            pool = nn.MaxPool2d(2) if i < 2 else nn.AdaptiveAvgPool2d(2)
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), pool]
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * width, 64), nn.ReLU())
         self.head = nn.Linear(64, 10)
 
     def features(self, x: Tensor) -> Tensor:
@@ -120,9 +130,11 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 12, seed: int
     g = torch.Generator().manual_seed(seed)
     net = DigitNet()
     with torch.no_grad():  # seeded initialisation without touching the global RNG
-        for p in net.parameters():
-            bound = 1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.05
-            p.uniform_(-bound, bound, generator=g)
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):  # batch-norm layers keep their ones and zeros
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                m.weight.uniform_(-bound, bound, generator=g)
+                m.bias.uniform_(-bound, bound, generator=g)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     n = len(images)
     total = epochs * -(-n // 64)
@@ -239,7 +251,7 @@ def evaluate(prior, judge: DigitNet, real: Tensor, args: argparse.Namespace) -> 
     mask[..., 8:20, 8:22] = 0
     op = Inpaint(mask)
     y = op(real)
-    x = DiffPIR(prior.schedule, steps=20, lambda_=1.0, zeta=1.0)(y, op, prior, sigma_n=0.0, generator=gens)
+    x = DiffPIR(prior.schedule, steps=args.box_steps, lambda_=1.0, zeta=1.0)(y, op, prior, sigma_n=0.0, generator=gens)
     harmonic = build_method("classical")(y, op, prior, sigma_n=0.0)
     out["inpaint_box"] = mean_se(psnr(x, real))
     out["inpaint_box_gain"] = mean_se(psnr(x, real) - psnr(harmonic, real))
@@ -278,14 +290,20 @@ def fmt(v: tuple[float, float]) -> str:
 
 
 def table(results: dict, base: dict, info: dict) -> str:
+    what = (
+        "Trained priors scored alike"
+        if info.get("priors")
+        else f"Recipes at equal compute: {info['steps']} steps x batch {info['batch']}, `{info['preset']}` UNet, on "
+        "`digits` (same net, init, data order)"
+    )
     lines = [
-        f"Recipes at equal compute: {info['steps']} steps x batch {info['batch']}, `{info['preset']}` UNet, on "
-        f"`digits` (same net, init, data "
-        f"order); evaluated on {info['eval_count']} held-out digits ({info['restore_count']} restored). Classifier "
-        f"held-out accuracy "
-        f"{100 * info['judge_accuracy']:.1f} %. `python bench/train_recipes.py {info['argv']}`",
+        f"{what}; evaluated on {info['eval_count']} held-out digits ({info['restore_count']} restored; box inpainting "
+        f"at {info.get('box_steps', 20)} NFEs). Classifier held-out accuracy {100 * info['judge_accuracy']:.1f} %, "
+        f"{100 * info['judge_confident_real']:.1f} % of real held-out digits recognised with confidence >= 0.9. "
+        f"`python bench/train_recipes.py {info['argv']}`",
         "",
-        "| recipe | denoise s15 | s25 | s50 | recognised (of 64) | classes | Frechet | box inpaint (gain vs harmonic) "
+        ("| prior |" if info.get("priors") else "| recipe |")
+        + " denoise s15 | s25 | s50 | recognised (of 64) | classes | Frechet | box inpaint (gain vs harmonic) "
         "| deblur (gain vs Wiener) | train img/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -375,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("data/digits"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_recipes")
     ap.add_argument("--plot", action="store_true", help="also docs/figures/train_recipes.png (samples per recipe)")
+    ap.add_argument("--priors", nargs="+", help="score these trained priors (names or files) instead of training")
+    ap.add_argument("--box-steps", type=int, default=20, help="DiffPIR NFEs for box inpainting")
     ap.add_argument("--throughput", action="store_true", help="measure CPU training throughput variants instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--throughput-steps", type=int, default=6)
@@ -392,20 +412,23 @@ def main(argv: list[str] | None = None) -> None:
 
     train_x, train_y = load_split(args.data / "train")
     held_x, held_y = load_split(args.data / "val")
-    half = len(held_x) // 2
-    eval_x, eval_y = held_x[half:], held_y[half:]  # the first half stays for choosing settings
-    judge = train_classifier(train_x, train_y)
+    _, (eval_x, eval_y) = held_out_halves(held_x, held_y)  # the validation half stays for choosing settings
+    judge = train_classifier(train_x, train_y, epochs=30)
     with torch.no_grad():
         accuracy = float((judge(eval_x).argmax(1) == eval_y).float().mean())
         confident_real = float((judge(eval_x).softmax(1).max(1).values >= 0.9).float().mean())
     print(f"classifier: {100 * accuracy:.1f} % held-out accuracy, {100 * confident_real:.1f} % of real digits >= 0.9")
     base = baselines(eval_x[: args.restore_count])
-    init = initial_weights(args.preset)
     results: dict[str, dict] = {}
     grids = {}
-    for name in args.recipes:
-        module, timing = train_recipe(name, init, args)
-        prior = module.eval_prior.eval()
+    for name in args.priors or args.recipes:
+        if args.priors:
+            from diffpir import load_prior
+
+            prior, timing = load_prior(name), {"train_seconds": 0.0, "img_per_s": float("nan")}
+        else:
+            module, timing = train_recipe(name, initial_weights(args.preset), args)
+            prior = module.eval_prior.eval()
         res = evaluate(prior, judge, eval_x, args)
         grids[name] = res.pop("_samples")
         res.update(timing)
@@ -425,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         "restore_count": min(args.restore_count, len(eval_x)),
         "judge_accuracy": accuracy,
         "judge_confident_real": confident_real,
+        "priors": bool(args.priors),
+        "box_steps": args.box_steps,
         "argv": " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),

@@ -97,6 +97,16 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
         assert 0.0 <= r["recognised"] <= 1.0 and np.isfinite(r["frechet"])
     assert "| v_min_snr_quad |" in out.with_suffix(".md").read_text()
 
+    # --priors scores finished priors the same way (here a tiny grey export), without training.
+    prior = export_prior(Prior(build_unet("tiny", in_channels=1, out_channels=1), NoiseSchedule.linear()), None,
+                         tmp_path / "grey.safetensors")  # fmt: skip
+    bench.main(["--priors", str(prior), "--box-steps", "3", "--samples", "4", "--restore-count", "2",
+                "--threads", "1", "--data", data, "--out", str(out)])  # fmt: skip
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["recipes"]) == [str(prior)] and res["info"]["priors"] and res["info"]["box_steps"] == 3
+    assert np.isfinite(res["recipes"][str(prior)]["inpaint_box"][0])
+    assert out.with_suffix(".md").read_text().startswith("Trained priors scored alike")
+
 
 def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
     """The GPU script's timing half, dry-run on the CPU (what scripts/gpu_train_natural.sh runs with DRY_RUN=1)."""
