@@ -94,6 +94,8 @@ def held_out_halves(images: Tensor, labels: Tensor) -> tuple[tuple[Tensor, Tenso
         val_idx.append(idx[0::2])
         eval_idx.append(idx[1::2])
     v, e = torch.cat(val_idx), torch.cat(eval_idx)
+    if not len(e):
+        raise SystemExit("the held-out split needs at least two digits of a class (one for each half)")
     e = e[torch.randperm(len(e), generator=torch.Generator().manual_seed(0))]
     return (images[v], labels[v]), (images[e], labels[e])
 

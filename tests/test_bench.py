@@ -77,7 +77,7 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
     """Two recipes, two steps each, on 20 synthetic labelled 'digits': every figure is there and finite."""
     bench = _load_bench("train_recipes")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 20), ("val", 8)):
+    for split, n in (("train", 20), ("val", 20)):  # two held-out digits per class: one per half
         (tmp_path / "digits" / split).mkdir(parents=True)
         for i in range(n):
             img = np.zeros((32, 32), np.uint8)
