@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import export_tiny_prior
 from PIL import Image
 
@@ -106,6 +107,22 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
     assert list(res["recipes"]) == [str(prior)] and res["info"]["priors"] and res["info"]["box_steps"] == 3
     assert np.isfinite(res["recipes"][str(prior)]["inpaint_box"][0])
     assert out.with_suffix(".md").read_text().startswith("Trained priors scored alike")
+
+
+def test_held_out_halves_keep_every_class_in_each_half():
+    """Labels sorted by class (as the files are): both halves hold every class, half of each, and do not overlap."""
+    bench = _load_bench("train_recipes")
+    labels = torch.arange(10).repeat_interleave(6)
+    images = torch.arange(60.0).view(60, 1, 1, 1)  # each image is its own index
+    (vx, vy), (ex, ey) = bench.held_out_halves(images, labels)
+    for y in (vy, ey):
+        assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 3))
+    idx_v, idx_e = vx.flatten().long(), ex.flatten().long()
+    assert set(idx_v.tolist()).isdisjoint(idx_e.tolist()) and len(idx_v) + len(idx_e) == 60
+    assert torch.equal(labels[idx_v], vy) and torch.equal(labels[idx_e], ey)  # images travel with their labels
+    assert not torch.equal(ey, ey.sort().values)  # shuffled: a prefix mixes the classes
+    with pytest.raises(SystemExit, match="two digits of a class"):
+        bench.held_out_halves(images[:10:6], labels[:10:6])
 
 
 def test_gpu_timings_dry_run_on_the_cpu(tmp_path):

@@ -401,12 +401,17 @@ def test_compiled_training_step_runs_and_matches_the_plain_one(monkeypatch):
     script compiles with inductor) and gives the plain network's loss."""
     import functools
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # an eager backend that counts the graphs it is handed
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     module = DiffusionModule(tiny_net())
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     plain = module.model_step(x, torch.Generator().manual_seed(1))["loss"]
+    assert counter.frame_count == 0
     module.enable_compile()
     compiled = module.model_step(x, torch.Generator().manual_seed(1))["loss"]
+    assert counter.frame_count >= 1  # the training forward went through the compiled module
     torch.testing.assert_close(compiled, plain)
 
 
