@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import quiet_trainer as shared_quiet_trainer
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torchvision.io import write_png
 
 from diffpir.cli.train import main as cli_main
@@ -468,3 +468,52 @@ def test_ddp_two_cpu_processes(images: Path):
     assert int(module.ema.num_updates) == 2
     assert not torch.equal(module.ema.module.out[2].weight, tiny_net().out[2].weight)
     assert {"train/loss", "val/loss", "val/psnr_sigma25"} <= set(trainer.callback_metrics)
+
+
+def test_lr_factor_warms_up_holds_then_cools_down_to_zero():
+    from diffpir.training.module import lr_factor
+
+    assert [lr_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 0, total=8, cooldown=4) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert lr_factor(0, 2, total=2, cooldown=4) == 0.5 * 0.5  # warm-up and decay overlap: both apply
+    assert lr_factor(9, 0, total=8, cooldown=4) == 0.0
+    with pytest.raises(ValueError, match="total"):
+        lr_factor(0, 0, cooldown=4)
+
+
+class _LrLog(Callback):
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cooldown_follows_the_resumed_runs_settings(images: Path, tmp_path: Path):
+    """A run at a constant LR, resumed with a longer max_steps and a cooldown, decays to 0 at the new end (the
+    checkpoint's schedule settings do not come back)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = _LrLog()
+    quiet_trainer(max_steps=8, callbacks=[full]).fit(
+        DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, cooldown_steps=4, ema_decay=None), _dm(images)
+    )
+    assert full.lrs == pytest.approx([1e-2] * 5 + [7.5e-3, 5e-3, 2.5e-3])
+
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    constant = DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, ema_decay=None)
+    quiet_trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(constant, _dm(images))
+    resumed = _LrLog()
+    module = DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, cooldown_steps=4, ema_decay=None)
+    trainer = quiet_trainer(max_steps=8, callbacks=[resumed])
+    trainer.fit(module, _dm(images), ckpt_path=str(tmp_path / "step=4.ckpt"))
+    assert trainer.global_step == 8
+    assert resumed.lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+
+
+def test_cooldown_needs_a_run_of_known_length(images: Path):
+    module = DiffusionModule(tiny_net(), warmup_steps=0, cooldown_steps=4, ema_decay=None)
+    with pytest.raises(ValueError, match="max_steps"):
+        quiet_trainer(max_steps=-1, max_epochs=-1).fit(module, _dm(images))
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        DiffusionModule(tiny_net(), cooldown_steps=-1)

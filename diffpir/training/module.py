@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +24,22 @@ from diffpir.training.ema import EMA
 log = logging.getLogger(__name__)
 
 
+def lr_factor(step: int, warmup: int, total: int | None = None, cooldown: int = 0) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based), warm-up, stable, decay (Hägele et al. 2024):
+
+    - rises linearly from ``1 / warmup`` to 1 over the first ``warmup`` steps (0: no warm-up);
+    - stays at 1;
+    - with ``cooldown > 0``, falls linearly to 0 over the last ``cooldown`` of ``total`` steps:
+      ``(total - step) / cooldown`` once that is below 1 (step ``total - 1`` gets ``1 / cooldown``).
+    """
+    factor = 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+    if cooldown > 0:
+        if total is None:
+            raise ValueError("a cooldown needs the run's total number of steps")
+        factor *= min(1.0, max(0.0, (total - step) / cooldown))
+    return factor
+
+
 class LinearWarmup:
     """LR factor for ``LambdaLR``: rises linearly from ``1 / steps`` to 1 over ``steps`` optimizer steps."""
 
@@ -30,7 +47,7 @@ class LinearWarmup:
         self.steps = int(steps)
 
     def __call__(self, step: int) -> float:
-        return 1.0 if self.steps <= 0 else min(1.0, (step + 1) / self.steps)
+        return lr_factor(step, self.steps)
 
 
 def _preset_of(config: dict[str, Any] | None) -> str | None:
@@ -122,6 +139,9 @@ class DiffusionModule(LightningModule):
         weight_decay: AdamW's decoupled weight decay.
         adam_betas: AdamW betas.
         warmup_steps: linear LR warm-up length in optimizer steps (0: none).
+        cooldown_steps: linear LR decay to 0 over the last this many steps of the run (``trainer.max_steps``; 0:
+            none; :func:`lr_factor`). The schedule follows the current settings on resume, so a run trained at a
+            constant LR can be resumed with a larger ``max_steps`` and a cooldown that ends there.
         ema_decay: EMA decay (None: no EMA; validation and export then use the raw weights).
         ema_warmup: warm-up-aware EMA decay ``min(decay, (1 + n) / (10 + n))``.
         num_timesteps, beta_start, beta_end: the linear DDPM schedule.
@@ -151,6 +171,7 @@ class DiffusionModule(LightningModule):
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 500,
+        cooldown_steps: int = 0,
         ema_decay: float | None = 0.999,
         ema_warmup: bool = True,
         num_timesteps: int = 1000,
@@ -175,6 +196,8 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
         if timestep_sampling not in ("uniform", "quad"):
             raise ValueError(f"timestep_sampling must be 'uniform' or 'quad', got {timestep_sampling!r}")
+        if warmup_steps < 0 or cooldown_steps < 0:
+            raise ValueError(f"warmup_steps and cooldown_steps must be >= 0, got {warmup_steps}, {cooldown_steps}")
         if not 0.0 <= timestep_mix <= 1.0 or min_snr_gamma <= 0:
             raise ValueError("timestep_mix must lie in [0, 1] and min_snr_gamma must be > 0")
         self.save_hyperparameters(ignore=["net"])
@@ -306,8 +329,29 @@ class DiffusionModule(LightningModule):
         opt = torch.optim.AdamW(
             self.net.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(hp.warmup_steps))
+        warmup, cooldown = int(hp.warmup_steps), int(hp.get("cooldown_steps", 0))
+        total = self._total_steps() if cooldown > 0 else None
+
+        # A function, not an object: LambdaLR saves (and a resume restores) the attributes of a callable object,
+        # which would bring back the checkpoint's total and cooldown instead of this run's.
+        def factor(step: int) -> float:
+            return lr_factor(step, warmup, total, cooldown)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _total_steps(self) -> int:
+        """The run's optimizer steps (``trainer.max_steps``, else the Trainer's estimate from the epochs)."""
+        trainer = self._trainer
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+        if total is None and trainer is not None:
+            estimate = trainer.estimated_stepping_batches
+            total = int(estimate) if math.isfinite(estimate) else None
+        if total is None:
+            raise ValueError(
+                "model.cooldown_steps needs a run of known length: set trainer.max_steps (the LR reaches 0 there)"
+            )
+        return total
 
     def setup(self, stage: str) -> None:
         self._check_data()
