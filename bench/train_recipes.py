@@ -16,7 +16,9 @@ same optimiser, warm-up and EMA as ``configs/train/digits.yaml``, through ``Diff
 - ``v_min_snr``: both;
 - ``quad``: eps, half the timesteps drawn with density ~ 1/sqrt(t), where DiffPIR's quad step sequence spends its
   steps (``timestep_sampling="quad"``);
-- ``v_min_snr_quad``: all three.
+- ``v_min_snr_quad``: all three;
+- ``min_snr_wsd``: Min-SNR with the LR decayed linearly to 0 over the last 20 % of the steps (``cooldown_steps``;
+  warm-up, stable, decay: Hägele et al. 2024).
 
 The held-out digits (``data/digits/val``, never trained on, 50 per class) are split in two halves with every class
 in each (:func:`held_out_halves`): "validation" is kept for choosing settings, "evaluation" gives every number in
@@ -68,6 +70,8 @@ RECIPES: dict[str, dict] = {
     "v_min_snr": {"prediction": "v", "loss_weighting": "min_snr"},
     "quad": {"timestep_sampling": "quad"},
     "v_min_snr_quad": {"prediction": "v", "loss_weighting": "min_snr", "timestep_sampling": "quad"},
+    # Min-SNR with a warm-up-stable-decay LR: linear decay to 0 over the last 20 % of the steps (cooldown_steps).
+    "min_snr_wsd": {"loss_weighting": "min_snr", "cooldown_fraction": 0.2},
 }
 SIGMAS = (15, 25, 50)
 
@@ -198,7 +202,11 @@ def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -
 
     net = grey_net(args.preset)
     net.load_state_dict(init)
-    module = DiffusionModule(net, lr=5e-4, warmup_steps=100, ema_decay=0.999, seed=0, **RECIPES[name])
+    recipe = dict(RECIPES[name])
+    fraction = recipe.pop("cooldown_fraction", 0.0)
+    if fraction:
+        recipe["cooldown_steps"] = max(1, round(fraction * args.steps))
+    module = DiffusionModule(net, lr=5e-4, warmup_steps=100, ema_decay=0.999, seed=0, **recipe)
     dm = ImageFolderDataModule(
         str(args.data / "train"),
         channels=1,
