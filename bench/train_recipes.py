@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import quiet_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# DiffusionModule arguments per recipe, except ``cooldown_fraction``: train_recipe turns it into cooldown_steps.
 RECIPES: dict[str, dict] = {
     "ddpm": {},
     "min_snr": {"loss_weighting": "min_snr"},

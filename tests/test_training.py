@@ -490,8 +490,8 @@ class _LrLog(Callback):
 
 
 def test_cooldown_follows_the_resumed_runs_settings(images: Path, tmp_path: Path):
-    """A run at a constant LR, resumed with a longer max_steps and a cooldown, decays to 0 at the new end (the
-    checkpoint's schedule settings do not come back)."""
+    """A run at a constant LR, resumed inside the cooldown of a longer max_steps and with another lr, follows the
+    new settings from its first step (not the checkpoint's LR, nor its schedule)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     full = _LrLog()
@@ -500,20 +500,25 @@ def test_cooldown_follows_the_resumed_runs_settings(images: Path, tmp_path: Path
     )
     assert full.lrs == pytest.approx([1e-2] * 5 + [7.5e-3, 5e-3, 2.5e-3])
 
-    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
-    constant = DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, ema_decay=None)
-    quiet_trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(constant, _dm(images))
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    constant = DiffusionModule(tiny_net(), lr=2e-2, warmup_steps=0, ema_decay=None)
+    quiet_trainer(max_steps=5, callbacks=[saver], enable_checkpointing=True).fit(constant, _dm(images))
     resumed = _LrLog()
     module = DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, cooldown_steps=4, ema_decay=None)
     trainer = quiet_trainer(max_steps=8, callbacks=[resumed])
-    trainer.fit(module, _dm(images), ckpt_path=str(tmp_path / "step=4.ckpt"))
+    trainer.fit(module, _dm(images), ckpt_path=str(tmp_path / "step=5.ckpt"))
     assert trainer.global_step == 8
-    assert resumed.lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    assert resumed.lrs == pytest.approx([7.5e-3, 5e-3, 2.5e-3])
 
 
 def test_cooldown_needs_a_run_of_known_length(images: Path):
     module = DiffusionModule(tiny_net(), warmup_steps=0, cooldown_steps=4, ema_decay=None)
     with pytest.raises(ValueError, match="max_steps"):
         quiet_trainer(max_steps=-1, max_epochs=-1).fit(module, _dm(images))
+    # max_epochs ends this run first (3 steps an epoch): the decay ends there, not at max_steps.
+    log = _LrLog()
+    epochs = DiffusionModule(tiny_net(), lr=1e-2, warmup_steps=0, cooldown_steps=2, ema_decay=None)
+    quiet_trainer(max_steps=100, max_epochs=2, callbacks=[log]).fit(epochs, _dm(images))
+    assert log.lrs == pytest.approx([1e-2] * 5 + [5e-3])
     with pytest.raises(ValueError, match="cooldown_steps"):
         DiffusionModule(tiny_net(), cooldown_steps=-1)

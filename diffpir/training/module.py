@@ -140,8 +140,8 @@ class DiffusionModule(LightningModule):
         adam_betas: AdamW betas.
         warmup_steps: linear LR warm-up length in optimizer steps (0: none).
         cooldown_steps: linear LR decay to 0 over the last this many steps of the run (``trainer.max_steps``; 0:
-            none; :func:`lr_factor`). The schedule follows the current settings on resume, so a run trained at a
-            constant LR can be resumed with a larger ``max_steps`` and a cooldown that ends there.
+            none; :func:`lr_factor`). The schedule (``lr`` included) follows the current settings on resume, so a
+            run trained at a constant LR can be resumed with a larger ``max_steps`` and a cooldown that ends there.
         ema_decay: EMA decay (None: no EMA; validation and export then use the raw weights).
         ema_warmup: warm-up-aware EMA decay ``min(decay, (1 + n) / (10 + n))``.
         num_timesteps, beta_start, beta_end: the linear DDPM schedule.
@@ -341,17 +341,31 @@ class DiffusionModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def _total_steps(self) -> int:
-        """The run's optimizer steps (``trainer.max_steps``, else the Trainer's estimate from the epochs)."""
+        """The run's optimizer steps: the Trainer's ``estimated_stepping_batches`` (``max_steps``, or the
+        epochs' steps when ``max_epochs`` ends the run first)."""
         trainer = self._trainer
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
-        if total is None and trainer is not None:
-            estimate = trainer.estimated_stepping_batches
-            total = int(estimate) if math.isfinite(estimate) else None
-        if total is None:
+        estimate = trainer.estimated_stepping_batches if trainer is not None else math.inf
+        if not (math.isfinite(estimate) and estimate > 0):
             raise ValueError(
-                "model.cooldown_steps needs a run of known length: set trainer.max_steps (the LR reaches 0 there)"
+                "model.cooldown_steps needs a run of known length (the LR reaches 0 at its end): set trainer.max_steps"
+                f" or a finite trainer.max_epochs (got max_steps={getattr(trainer, 'max_steps', None)}, "
+                f"max_epochs={getattr(trainer, 'max_epochs', None)})"
             )
-        return total
+        return int(estimate)
+
+    def on_train_start(self) -> None:
+        # A resume restores the optimizer's LR and the scheduler's base LR from the checkpoint, and LambdaLR only
+        # recomputes the LR at its next step: set this step's LR from the current settings (lr, warm-up, cooldown,
+        # max_steps) now. With unchanged settings this is the value the checkpoint holds.
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            sched.base_lrs = [float(self.hparams.lr)] * len(sched.optimizer.param_groups)
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * fn(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def setup(self, stage: str) -> None:
         self._check_data()
