@@ -522,3 +522,15 @@ def test_cooldown_needs_a_run_of_known_length(images: Path):
     assert log.lrs == pytest.approx([1e-2] * 5 + [5e-3])
     with pytest.raises(ValueError, match="cooldown_steps"):
         DiffusionModule(tiny_net(), cooldown_steps=-1)
+
+
+def test_model_checkpoint_saves_the_final_step(images: Path, tmp_path: Path):
+    """last.ckpt holds the final step even when the last periodic save was earlier (Lightning's own keeps that)."""
+    from diffpir.training import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True, every_n_train_steps=3)
+    module = DiffusionModule(tiny_net(), warmup_steps=0, ema_decay=0.9)
+    quiet_trainer(max_steps=5, callbacks=[saver], enable_checkpointing=True).fit(module, _dm(images))
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 5
+    assert torch.equal(ckpt["state_dict"]["net.out.2.weight"], module.net.out[2].weight)

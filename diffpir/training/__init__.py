@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffpir.training.callbacks import ProgressLogCallback, SampleGridCallback, ddim_sample
+from diffpir.training.callbacks import ModelCheckpoint, ProgressLogCallback, SampleGridCallback, ddim_sample
 from diffpir.training.data import EpochSampler, ImageCropDataset, ImageFolderDataModule, list_images
 from diffpir.training.ema import EMA
 from diffpir.training.module import DiffusionModule
@@ -13,6 +13,7 @@ __all__ = [
     "EpochSampler",
     "ImageCropDataset",
     "ImageFolderDataModule",
+    "ModelCheckpoint",
     "ProgressLogCallback",
     "SampleGridCallback",
     "ddim_sample",

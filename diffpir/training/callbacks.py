@@ -1,4 +1,5 @@
-"""Callbacks of the training runs: a grid of DDIM samples of the (EMA) prior, logged after validation."""
+"""Callbacks of the training runs: a grid of DDIM samples of the (EMA) prior, logged after validation; progress
+lines; a ModelCheckpoint that also saves the final step."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -185,3 +187,18 @@ class ProgressLogCallback(Callback):
 
 
 __all__ = ["ProgressLogCallback", "SampleGridCallback", "ddim_sample"]
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (same arguments) that also saves
+    ``last.ckpt`` when training ends at a step it has not saved yet.
+
+    Lightning's own saves ``last`` at the end of training only if it never saved ``last`` during the run, so with
+    ``train_time_interval`` a run that reaches ``max_steps`` keeps the checkpoint of up to one interval earlier and
+    loses the steps since (for a cooldown, the end of its decay)."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
