@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from diffpir.models import build_unet
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import EMA, DiffusionModule
-from diffpir.training.module import LinearWarmup
+from diffpir.training.module import lr_factor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import quiet_trainer  # noqa: E402
@@ -61,7 +61,7 @@ def plain_run(init: dict, preset: str, data: torch.Tensor, batch: int, warmup: i
     sched = NoiseSchedule.linear()
     ema = EMA(net, HP["ema_decay"])
     opt = torch.optim.AdamW(net.parameters(), lr=HP["lr"], betas=HP["adam_betas"], weight_decay=HP["weight_decay"])
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(HP["warmup_steps"]))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, HP["warmup_steps"]))
     gen = torch.Generator()
     step, t0 = 0, None
     while step < warmup + steps:

@@ -186,9 +186,6 @@ class ProgressLogCallback(Callback):
         self._t0, self._step0, self._images = time.monotonic(), step, 0
 
 
-__all__ = ["ProgressLogCallback", "SampleGridCallback", "ddim_sample"]
-
-
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (same arguments) that also saves
     ``last.ckpt`` when training ends at a step it has not saved yet.
@@ -202,3 +199,6 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+
+__all__ = ["ModelCheckpoint", "ProgressLogCallback", "SampleGridCallback", "ddim_sample"]

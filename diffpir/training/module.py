@@ -40,16 +40,6 @@ def lr_factor(step: int, warmup: int, total: int | None = None, cooldown: int = 
     return factor
 
 
-class LinearWarmup:
-    """LR factor for ``LambdaLR``: rises linearly from ``1 / steps`` to 1 over ``steps`` optimizer steps."""
-
-    def __init__(self, steps: int):
-        self.steps = int(steps)
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.steps)
-
-
 def _preset_of(config: dict[str, Any] | None) -> str | None:
     """The name of the UNet preset whose config is ``config`` (None when none is)."""
     if not config:
@@ -509,7 +499,7 @@ def loss_bucket_names(num_timesteps: int = 1000, buckets: int = 10) -> list[str]
 
 __all__ = [
     "DiffusionModule",
-    "LinearWarmup",
+    "lr_factor",
     "loss_bucket_names",
     "loss_weights",
     "sample_timesteps",
