@@ -24,6 +24,7 @@ from diffpir.methods.blind import (
     kernel_from_otf_space,
     kernel_least_squares,
     kernel_ncc,
+    l0_smooth,
     project_simplex,
 )
 from diffpir.operators import BlindBlur, Blur, motion_kernel
@@ -155,6 +156,29 @@ def test_constrained_kernel_step_meets_the_kkt_conditions():
     assert float(objective(k)) <= min(float(objective(k_true)), float(objective(start))) + 1e-9
 
 
+def test_l0_smooth_keeps_the_edges_and_flattens_the_texture():
+    g = gen(31)
+    clean = torch.full((1, 3, 32, 32), 0.2, dtype=torch.float64)
+    clean[..., 8:24, 4:20] = 0.8  # one rectangle: 2 x 16 edge pixels per direction
+    clean[..., 1, 12:30] = torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64)[:, None]  # a 1-px line, per channel
+    textured = clean + 0.02 * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    u = l0_smooth(textured, 2e-3)
+    assert u.dtype == torch.float64 and u.shape == clean.shape
+    # the edges survive in place and the texture is gone: u is close to the clean image ...
+    err_u, err_t = (u - clean).abs(), (textured - clean).abs()
+    assert float(err_u.mean()) < 0.25 * float(err_t.mean()) and float(err_u.max()) < 0.1
+
+    # ... with about as many gradient pixels as the clean image (the textured one has one everywhere)
+    def count(img):
+        return int(sum((d.abs() > 1e-2).any(1) for d in grad_images(img)).bool().sum())
+
+    assert count(textured) == 32 * 32 and count(clean) <= count(u) <= 1.5 * count(clean)
+    flat = torch.full((1, 1, 16, 16), 0.3, dtype=torch.float64)
+    assert torch.allclose(l0_smooth(flat, 1e-2), flat)
+    with pytest.raises(ValueError, match="positive"):
+        l0_smooth(flat, 0.0)
+
+
 def test_kernel_ncc_and_alignment():
     k = motion_kernel(9, 0.5, generator=gen(11))
     shifted = torch.zeros(13, 13)
@@ -234,21 +258,24 @@ def test_kernel_refinement_during_sampling_keeps_the_constraints(tiny_prior):
     assert (res.kernel >= 0).all() and abs(float(res.kernel.sum()) - 1) < 1e-5
 
 
-def test_a_second_pass_takes_the_kernel_step_on_the_first_restoration(tiny_prior):
+@pytest.mark.parametrize("smooth_weight", [0.0, 2e-3])
+def test_a_second_pass_takes_the_kernel_step_on_the_first_restoration(tiny_prior, smooth_weight):
     x = edges_image(1, size=32, seed=22).float()
     k = motion_kernel(9, 0.5, generator=gen(23))
     y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(24))
     one = BlindDiffPIR(steps=3, t_start=200, kernel_size=9, init_iterations=0)
-    two = BlindDiffPIR(steps=3, t_start=200, kernel_size=9, init_iterations=0, passes=2)
+    two = BlindDiffPIR(steps=3, t_start=200, kernel_size=9, init_iterations=0, passes=2, smooth_weight=smooth_weight)
     assert (one.nfe, two.nfe) == (3, 6)
     g = gen(5)
     first = one.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=g)
     states = []
     res = two.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5), callback=states.append)
-    # the second pass's kernel: the (centred) kernel step given the first pass's restoration, warm-started
-    expected = centre_kernel(
-        estimate_kernel(first.image.clamp(0, 1), y, 9, 1e-3, 1e-3, 30, 0.05, init=first.kernel.double())
-    )
+    # the second pass's kernel: the (centred) kernel step given the first pass's restoration (L0-smoothed with
+    # smooth_weight > 0), warm-started
+    given = first.image.clamp(0, 1)
+    if smooth_weight:
+        given = l0_smooth(given, smooth_weight).float()
+    expected = centre_kernel(estimate_kernel(given, y, 9, 1e-3, 1e-3, 30, 0.05, init=first.kernel.double()))
     assert torch.allclose(res.kernel.double(), expected, atol=1e-6)
     # ... then DiffPIR again, continuing the same generator, with that kernel
     again = one.sampler_for(tiny_prior.schedule)(
@@ -258,6 +285,8 @@ def test_a_second_pass_takes_the_kernel_step_on_the_first_restoration(tiny_prior
     assert len(states) == 3 and all(torch.equal(s.kernel, res.kernel) for s in states)  # one trajectory: the last
     with pytest.raises(ValueError, match="passes"):
         BlindDiffPIR(passes=0)
+    with pytest.raises(ValueError, match="smooth_weight"):
+        BlindDiffPIR(smooth_weight=-1.0)
 
 
 def test_blind_task_hides_the_kernel():

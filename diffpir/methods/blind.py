@@ -1,7 +1,7 @@
 """Blind deblurring: DiffPIR with the kernel estimated together with the image (:class:`BlindDiffPIR`).
 
 ``y = k * x + n`` with ``k`` unknown (circular convolution, non-negative, sums to one, supported on a
-``kernel_size x kernel_size`` square around the centre). Two stages, both in this class; the DiffPIR sampler is
+``kernel_size x kernel_size`` square around the centre). Three stages, all in this class; the DiffPIR sampler is
 used unchanged and never branches on the task:
 
 1. **Kernel initialisation**, coarse to fine (classical blind deconvolution in the manner of Xu, Zheng & Jia 2013):
@@ -13,6 +13,9 @@ used unchanged and never branches on the task:
 2. **DiffPIR with kernel refinement**: the sampler runs with a blur whose kernel is the current estimate; every
    ``refine_every`` steps (from the step whose timestep is at most ``refine_below``) the sampler's callback takes a
    kernel step given the data-corrected ``x0_hat`` and the new kernel is used by the next data steps.
+3. **Passes**: stage 2 again (``passes`` in all), each time after a kernel step given the previous restoration.
+   With ``smooth_weight > 0`` every kernel step given a restoration sees it L0-smoothed (:func:`l0_smooth`): the
+   salient edges that identify the kernel, without the texture and leftover blur that hold the kernel where it is.
 
 **The kernel step** (:func:`estimate_kernel`) solves, for each image, with ``D_h, D_v`` circular forward
 differences (``gradients=True``; the identity otherwise) and the channels sharing the kernel,
@@ -62,6 +65,7 @@ __all__ = [
     "kernel_from_otf_space",
     "kernel_least_squares",
     "l0_deblur",
+    "l0_smooth",
     "project_simplex",
 ]
 
@@ -259,6 +263,8 @@ def l0_deblur(y: Tensor, kernel: Tensor, weight: float = 2e-3, beta_max: float =
 
     ``y`` ``[N, C, H, W]``, ``kernel`` ``[N, kh, kw]``; returns ``[N, C, H, W]`` (float64).
     """
+    if not weight > 0:
+        raise ValueError(f"the L0 weight must be positive, got {weight}")
     h, w = y.shape[-2:]
     yd = y.to(torch.float64)
     kf = psf2otf(kernel.to(torch.float64), h, w)  # [N, 1, H, W']
@@ -277,6 +283,14 @@ def l0_deblur(y: Tensor, kernel: Tensor, weight: float = 2e-3, beta_max: float =
         x = torch.fft.irfft2(num / (den0 + beta * dd2), s=(h, w))
         beta *= 2
     return x
+
+
+def l0_smooth(x: Tensor, weight: float) -> Tensor:
+    """L0 gradient smoothing (Xu et al. 2011): ``argmin_u ||u - x||^2 + weight ||grad u||_0`` approximately,
+    :func:`l0_deblur` with the identity kernel. Keeps the salient edges, flattens texture and noise; the channels
+    share their edges. ``x`` ``[N, C, H, W]``; returns float64."""
+    identity = torch.ones(x.shape[0], 1, 1, dtype=torch.float64, device=x.device)
+    return l0_deblur(x, identity, weight)
 
 
 def coarse_to_fine_kernel(
@@ -420,6 +434,10 @@ class BlindDiffPIR(DiffPIRMethod):
             (:func:`centre_kernel`; bilinear).
         passes: run DiffPIR this many times; before each pass after the first, a kernel step given the previous
             pass's restoration (then centred as above). Each pass costs the sampler's NFEs.
+        smooth_weight: before every kernel step given a restoration (between passes, and the refinements during
+            sampling), smooth it by :func:`l0_smooth` with this weight: the salient edges identify the kernel,
+            while texture the restoration got wrong and leftover blur pull it towards the kernel already used
+            (the step's fixed point). 0 turns it off.
         **settings: the DiffPIR sampler's, by keyword, as :class:`~diffpir.methods.DiffPIRMethod` (the current
             kernel in the data step), with the defaults :attr:`SAMPLER_DEFAULTS` (20 steps from the classical
             restoration diffused to ``t_start = 400``, ``zeta = 1``).
@@ -446,6 +464,7 @@ class BlindDiffPIR(DiffPIRMethod):
         refine_below: int = 400,
         centre: bool = True,
         passes: int = 1,
+        smooth_weight: float = 0.0,
         **settings: Any,
     ):
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
@@ -456,6 +475,8 @@ class BlindDiffPIR(DiffPIRMethod):
             raise ValueError(f"passes must be >= 1, got {passes}")
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+        if not smooth_weight >= 0:
+            raise ValueError(f"smooth_weight must be >= 0, got {smooth_weight}")
         super().__init__(**settings)
         self.kernel_args: dict[str, Any] = {
             "kernel_size": kernel_size,
@@ -471,6 +492,7 @@ class BlindDiffPIR(DiffPIRMethod):
             "refine_below": refine_below,
             "centre": bool(centre),
             "passes": int(passes),
+            "smooth_weight": float(smooth_weight),
         }
         self.last_kernel: Tensor | None = None
 
@@ -543,6 +565,8 @@ class BlindDiffPIR(DiffPIRMethod):
 
         def kernel_step(x0: Tensor) -> Tensor:
             """The kernel given the image estimate ``x0`` in [0, 1], warm-started from the current one."""
+            if ka["smooth_weight"] > 0:
+                x0 = l0_smooth(x0, ka["smooth_weight"]).to(x0.dtype)
             args = (ka["alpha"], ka["beta"], ka["kernel_iterations"], ka["threshold"])
             return estimate_kernel(x0, y32, size, *args, init=live.kernel.to(torch.float64))
 
