@@ -314,8 +314,8 @@ def table(results: dict, base: dict, info: dict) -> str:
         f"`python bench/train_recipes.py {info['argv']}`",
         "",
         ("| prior |" if info.get("priors") else "| recipe |")
-        + " denoise s15 | s25 | s50 | recognised (of 64) | classes | Frechet | box inpaint (gain vs harmonic) "
-        "| deblur (gain vs Wiener) | train img/s |",
+        + " denoise s15 | s25 | s50 | recognised, all samples (first 64) | classes | Frechet "
+        "| box inpaint (gain vs harmonic) | deblur (gain vs Wiener) | train img/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
