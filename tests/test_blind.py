@@ -20,6 +20,8 @@ from diffpir.methods.blind import (
     BlindStepState,
     align_images,
     centre_kernel,
+    coarse_to_fine_kernel,
+    edge_map,
     estimate_kernel,
     kernel_from_otf_space,
     kernel_least_squares,
@@ -81,14 +83,16 @@ def test_project_simplex_is_the_euclidean_projection():
     assert torch.allclose(project_simplex(on), on)
 
 
-@pytest.mark.parametrize("gradients", [True, False])
-def test_least_squares_kernel_solves_the_normal_equations(gradients):
-    """The Fourier closed form equals the dense solution of the regularised least squares over all H x W kernels."""
+@pytest.mark.parametrize("gradients,masked", [(True, False), (False, False), (True, True)])
+def test_least_squares_kernel_solves_the_normal_equations(gradients, masked):
+    """The Fourier closed form equals the dense solution of the regularised least squares over all H x W kernels;
+    with a mask, of ``sum ||(M D_d x) * k - D_d y||^2`` (the mask on the image's gradients only)."""
     h = w = 8
     x = torch.rand(1, 2, h, w, generator=gen(3), dtype=torch.float64)
     y = torch.rand(1, 2, h, w, generator=gen(4), dtype=torch.float64)
+    mask = (torch.rand(1, 1, h, w, generator=gen(5)) < 0.5).double() if masked else None
     alpha, beta = 0.03, 0.02
-    full = kernel_least_squares(x, y, alpha, beta, gradients)[0].reshape(-1)
+    full = kernel_least_squares(x, y, alpha, beta, gradients, mask=mask)[0].reshape(-1)
 
     def conv_matrix(img: torch.Tensor) -> torch.Tensor:
         """M with M @ k.flatten() = circular convolution img * k (k in psf2otf layout)."""
@@ -96,6 +100,8 @@ def test_least_squares_kernel_solves_the_normal_equations(gradients):
         return torch.stack(cols, dim=1)
 
     xs = grad_images(x[0]) if gradients else [x[0]]
+    if masked:
+        xs = [g * mask[0] for g in xs]
     ys = grad_images(y[0]) if gradients else [y[0]]
     mats = [conv_matrix(xi[c]) for xi in xs for c in range(2)]
     rhs = [yi[c].reshape(-1) for yi in ys for c in range(2)]
@@ -107,6 +113,67 @@ def test_least_squares_kernel_solves_the_normal_equations(gradients):
     normal = sum(m.T @ m for m in mats) + alpha * energy * eye + beta * energy * sum(d.T @ d for d in dmats)
     dense = torch.linalg.solve(normal, sum(m.T @ r for m, r in zip(mats, rhs)))
     assert torch.allclose(full, dense, atol=1e-10, rtol=1e-8)
+
+
+def test_gradient_mask_of_ones_changes_nothing_and_bad_masks_raise():
+    x = edges_image(2, seed=21)
+    k = torch.stack([motion_kernel(9, 0.5, generator=gen(s)).double() for s in (22, 23)])
+    y = Blur(k, normalize=False)(x) + 0.01 * torch.randn(x.shape, generator=gen(24), dtype=torch.float64)
+    plain = estimate_kernel(x, y, 9, iterations=20, threshold=0.05)
+    ones = estimate_kernel(x, y, 9, iterations=20, threshold=0.05, mask=torch.ones(2, 1, 32, 32))
+    assert torch.allclose(plain, ones, atol=1e-12)
+    with pytest.raises(ValueError, match="mask must be"):
+        estimate_kernel(x, y, 7, mask=torch.ones(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="gradients=True"):
+        estimate_kernel(x, y, 7, gradients=False, mask=torch.ones(2, 1, 32, 32))
+
+
+def test_edge_map_selects_wide_edges_and_leaves_out_thin_lines():
+    """Xu & Jia's r on a wide rectangle and a 1 px line of the same contrast over faint texture: the mask keeps
+    the gradients of the rectangle's outline (its windows see one edge) and leaves out the line's (its two edges
+    cancel within the window), up to its ends."""
+    size = 48
+    x = torch.full((1, 3, size, size), 0.3, dtype=torch.float64)
+    x[..., 8:40, 6:22] = 0.8
+    x[..., 8:40, 34] = 0.8
+    x = x + 0.01 * torch.rand(x.shape, generator=gen(25), dtype=torch.float64)
+    grey = x.mean(1)[0]
+    energy = sum(g.square() for g in grad_images(grey))
+    rect = torch.zeros(size, size, dtype=torch.bool)
+    rect[4:42, 3:25] = True
+    line = torch.zeros(size, size, dtype=torch.bool)
+    line[6:42, 32:36] = True
+
+    def kept(m: torch.Tensor, region: torch.Tensor) -> float:
+        return float((m * energy)[region].sum() / energy[region].sum())
+
+    m = edge_map(x, 0.25)[0, 0]
+    assert m.shape == (size, size) and set(m.unique().tolist()) == {0.0, 1.0}
+    assert int(m.sum()) == pytest.approx(0.25 * size * size, abs=3)  # the fraction asked for
+    assert kept(m, rect) > 0.99 and kept(m, line) < 0.1
+    assert kept(edge_map(x, 0.05)[0, 0], line) == 0
+    assert torch.equal(edge_map(x, 1.0), torch.ones(1, 1, size, size, dtype=torch.float64))
+    for bad in ({"fraction": 0.0}, {"fraction": 1.5}, {"fraction": 0.3, "window": 4}):
+        with pytest.raises(ValueError):
+            edge_map(x, **bad)
+
+
+def test_initialisation_uses_the_edge_selection_on_the_coarse_levels_only():
+    x = edges_image(1, size=40, seed=26)
+    k = motion_kernel(11, 0.5, generator=gen(27)).double()[None]
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(28), dtype=torch.float64)
+    plain = coarse_to_fine_kernel(y, 11, iterations=2)
+    selected = coarse_to_fine_kernel(y, 11, iterations=2, edge_fraction=0.3)
+    assert not torch.allclose(plain, selected, atol=1e-6)  # the selection acts
+    assert torch.equal(coarse_to_fine_kernel(y, 11, iterations=2, edge_fraction=1.0), plain)
+    one_level = coarse_to_fine_kernel(y, 11, levels=1, iterations=2, edge_fraction=0.3)
+    assert torch.equal(one_level, coarse_to_fine_kernel(y, 11, levels=1, iterations=2))  # finest: every edge
+    method = BlindDiffPIR(init_iterations=2, edge_fraction=0.3, centre=False)
+    assert torch.equal(method.initial_kernel(y, 11), selected)
+    assert method.config()["edge_fraction"] == 0.3 and method.config()["edge_window"] == 5
+    for bad in ({"edge_fraction": 0.0}, {"edge_fraction": 2.0}, {"edge_window": 2}):
+        with pytest.raises(ValueError, match="edge_"):
+            BlindDiffPIR(**bad)
 
 
 def test_noiseless_kernel_is_recovered_exactly():

@@ -7,7 +7,8 @@ used unchanged and never branches on the task:
 1. **Kernel initialisation**, coarse to fine (classical blind deconvolution in the manner of Xu, Zheng & Jia 2013):
    on an image pyramid of the grey ``y`` (factor ``1/sqrt(2)``), alternate an image step, L0-gradient deblurring
    with the current kernel (:func:`l0_deblur`: sharp edges, flat elsewhere, which is what makes the kernel
-   identifiable), and the kernel step (:func:`estimate_kernel`) on the gradients of that image. The kernel is
+   identifiable), and the kernel step (:func:`estimate_kernel`) on the gradients of that image; on the coarse
+   levels optionally only on the edges wider than a window (:func:`edge_map`, Xu & Jia 2010). The kernel is
    upsampled from level to level and re-centred on its centre of mass; at the end it is moved so that its centre of
    mass is the central pixel to sub-pixel accuracy (:func:`centre_kernel`).
 2. **DiffPIR with kernel refinement**: the sampler runs with a blur whose kernel is the current estimate; every
@@ -60,6 +61,7 @@ __all__ = [
     "align_images",
     "centre_kernel",
     "coarse_to_fine_kernel",
+    "edge_map",
     "estimate_kernel",
     "kernel_ncc",
     "kernel_from_otf_space",
@@ -156,15 +158,21 @@ def _odd(v: float) -> int:
 # The kernel step
 # --------------------------------------------------------------------------------------------------------
 def _kernel_normal_terms(
-    x: Tensor, y: Tensor, alpha: float, beta: float, gradients: bool
+    x: Tensor, y: Tensor, alpha: float, beta: float, gradients: bool, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float]:
     """``(A, B, E)``: the Fourier-domain normal equations ``A K = B`` of the kernel objective (``[N, H, W//2+1]``,
-    A real) and the gradient energy E the weights are relative to."""
+    A real) and the gradient energy E the weights are relative to. ``mask`` weights the gradients of ``x``."""
     h, w = x.shape[-2:]
     dt = torch.float64
     xf = torch.fft.rfft2(x.to(dt))  # [N, C, H, W']
     yf = torch.fft.rfft2(y.to(dt))
-    if gradients:
+    if mask is not None:
+        xd = x.to(dt)
+        grads = torch.stack([torch.roll(xd, -1, -1) - xd, torch.roll(xd, -1, -2) - xd])  # D_h x, D_v x
+        dd = _diff_otfs(h, w, xf.real)
+        xs, ys = torch.fft.rfft2(grads * mask.to(dt)), dd * yf  # [2, N, C, H, W']
+        dd2 = dd.abs().square().sum(0)[0, 0]
+    elif gradients:
         dd = _diff_otfs(h, w, xf.real)  # [2, 1, 1, H, W']
         xs, ys = dd * xf, dd * yf  # [2, N, C, H, W']
         dd2 = dd.abs().square().sum(0)[0, 0]  # [H, W']
@@ -185,13 +193,25 @@ def _kernel_normal_terms(
     return a, b, energy
 
 
+def _check_mask(mask: Tensor | None, x: Tensor, gradients: bool) -> Tensor | None:
+    if mask is None:
+        return None
+    if not gradients:
+        raise ValueError("a gradient mask needs gradients=True")
+    n, c, h, w = x.shape
+    if mask.ndim != 4 or mask.shape[0] != n or mask.shape[1] not in (1, c) or mask.shape[-2:] != (h, w):
+        raise ValueError(f"mask must be [N, 1 or C, H, W] = [{n}, 1 or {c}, {h}, {w}], got {tuple(mask.shape)}")
+    return mask
+
+
 def kernel_least_squares(
-    x: Tensor, y: Tensor, alpha: float = 1e-3, beta: float = 1e-3, gradients: bool = True
+    x: Tensor, y: Tensor, alpha: float = 1e-3, beta: float = 1e-3, gradients: bool = True, mask: Tensor | None = None
 ) -> Tensor:
     """The unconstrained minimiser of the kernel objective (module docstring) over the whole circular domain,
     ``F^-1[sum conj(X_cd) Y_cd / (sum |X_cd|^2 + a + b sum_d |D_d|^2)]``: ``[N, H, W]`` float64 in the layout
-    of :func:`~diffpir.operators.psf2otf` (centre at ``(0, 0)``; :func:`kernel_from_otf_space` crops it)."""
-    a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients)
+    of :func:`~diffpir.operators.psf2otf` (centre at ``(0, 0)``; :func:`kernel_from_otf_space` crops it).
+    ``mask`` as in :func:`estimate_kernel`."""
+    a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients, _check_mask(mask, x, gradients))
     return torch.fft.irfft2(b / a, s=tuple(x.shape[-2:]))
 
 
@@ -205,6 +225,7 @@ def estimate_kernel(
     threshold: float = 0.0,
     gradients: bool = True,
     init: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """The kernel step: ``k`` ``[N, size, size]`` (float64, ``>= 0``, sums to one) with ``k * x ~ y``.
 
@@ -221,6 +242,9 @@ def estimate_kernel(
         threshold: entries below ``threshold * max`` are zeroed after the iterations (then renormalised).
         gradients: fit on the image gradients (default; far more robust) or on the images themselves.
         init: the starting kernel of the iterations (default: the projected closed form).
+        mask: weights ``[N, 1 or C, H, W]`` (e.g. 0/1 from :func:`edge_map`) on the gradients of ``x``: the
+            objective becomes ``sum ||(M D_d x_c) * k - D_d y_c||^2``, so only the selected edges of ``x`` explain
+            ``y`` (Xu & Jia 2010). Needs ``gradients=True``; None: all gradients.
     """
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"x and y must be [N, C, H, W] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -228,7 +252,7 @@ def estimate_kernel(
     if size % 2 == 0 or size < 1 or size > min(h, w):
         raise ValueError(f"kernel size must be odd and at most the image size {h}x{w}, got {size}")
     n = x.shape[0]
-    a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients)
+    a, b, _ = _kernel_normal_terms(x, y, alpha, beta, gradients, _check_mask(mask, x, gradients))
     if init is None:
         k = kernel_from_otf_space(torch.fft.irfft2(b / a, s=(h, w)), size)
         k = project_simplex(k.reshape(n, -1)).view(n, size, size)
@@ -293,6 +317,32 @@ def l0_smooth(x: Tensor, weight: float) -> Tensor:
     return l0_deblur(x, identity, weight)
 
 
+def edge_map(y: Tensor, fraction: float, window: int = 5) -> Tensor:
+    """Xu & Jia's (2010) edge selection: a 0/1 mask ``[N, 1, H, W]`` of the ``fraction`` of pixels of the grey
+    ``y`` ``[N, C, H, W]`` (intensities in [0, 1]) with the largest
+
+        ``r = ||sum_W grad y|| / (sum_W ||grad y|| + 0.5)``   (sums over the ``window x window`` neighbourhood).
+
+    ``r`` is large across an edge whose sides are wider than the window, where the gradients add up, and small on
+    structures narrower than that (a thin line's two edges cancel), on texture and in flat regions (the 0.5).
+    Narrow structures blurred by a kernel wider than themselves mislead the kernel step towards small kernels;
+    weighting the image's gradients by this mask (:func:`estimate_kernel`'s ``mask``) leaves them out."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the edge fraction must lie in (0, 1], got {fraction}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the window must be odd and positive, got {window}")
+    g = y.to(torch.float64).mean(dim=1, keepdim=True)
+    gh, gv = torch.roll(g, -1, -1) - g, torch.roll(g, -1, -2) - g
+    pad = (window // 2,) * 4
+
+    def box(z: Tensor) -> Tensor:
+        return F.avg_pool2d(F.pad(z, pad, mode="circular"), window, 1) * (window * window)
+
+    r = torch.hypot(box(gh), box(gv)) / (box(torch.hypot(gh, gv)) + 0.5)
+    q = torch.quantile(r.flatten(1), 1 - fraction, dim=1).view(-1, 1, 1, 1)
+    return (r >= q).to(torch.float64)
+
+
 def coarse_to_fine_kernel(
     y: Tensor,
     size: int,
@@ -304,11 +354,17 @@ def coarse_to_fine_kernel(
     beta: float = 1e-3,
     kernel_iterations: int = 30,
     threshold: float = 0.05,
+    edge_fraction: float = 1.0,
+    edge_window: int = 5,
 ) -> Tensor:
     """The kernel initialisation: alternate :func:`l0_deblur` and :func:`estimate_kernel` (on gradients) from
     the coarsest to the finest level of a pyramid of the grey ``y`` ``[N, C, H, W]`` (factor ``1/sqrt(2)``,
     ``levels`` None: down to a kernel of about 5 px). The L0 weight decays by 0.9 per round down to
-    ``l0_weight_min``. Returns ``[N, size, size]`` (float64)."""
+    ``l0_weight_min``. With ``edge_fraction < 1`` the kernel steps on every level but the finest use only the
+    gradients of the L0 image at the ``edge_fraction`` of pixels that :func:`edge_map` selects from that level
+    of ``y`` (``edge_window``). Returns ``[N, size, size]`` (float64)."""
+    if not 0 < edge_fraction <= 1:
+        raise ValueError(f"edge_fraction must lie in (0, 1], got {edge_fraction}")
     grey = y.to(torch.float64).mean(dim=1, keepdim=True)
     h, w = grey.shape[-2:]
     if levels is None:
@@ -325,9 +381,10 @@ def coarse_to_fine_kernel(
             g = torch.exp(-(t**2) / 2.0)
             k = (g[:, None] * g[None, :]).expand(y.shape[0], ks, ks).contiguous()
         k = _resize_kernel(k, ks)
+        mask = edge_map(yl, edge_fraction, edge_window) if edge_fraction < 1 and lev > 0 else None
         for _ in range(iterations):
             x = l0_deblur(yl, k, lam)
-            k = estimate_kernel(x, yl, ks, alpha, beta, kernel_iterations, threshold, init=k)
+            k = estimate_kernel(x, yl, ks, alpha, beta, kernel_iterations, threshold, init=k, mask=mask)
             k = _centre_of_mass_shift(k)
             lam = max(lam * 0.9, l0_weight_min)
     return k
@@ -425,8 +482,9 @@ class BlindDiffPIR(DiffPIRMethod):
 
     Args:
         kernel_size: odd side of the kernel support (None: from ``op``).
-        levels, init_iterations, l0_weight, l0_weight_min: the coarse-to-fine initialisation
-            (:func:`coarse_to_fine_kernel`; ``init_iterations = 0`` skips it and starts from the identity).
+        levels, init_iterations, l0_weight, l0_weight_min, edge_fraction, edge_window: the coarse-to-fine
+            initialisation (:func:`coarse_to_fine_kernel`; ``init_iterations = 0`` skips it and starts from the
+            identity; ``edge_fraction = 1`` uses every gradient, less selects edges by :func:`edge_map`).
         alpha, beta, kernel_iterations, threshold: the kernel step (:func:`estimate_kernel`).
         refine_every: a kernel step given ``x0_hat`` every this many sampler steps (0: keep the initial kernel).
         refine_below: refine only at timesteps ``t <= refine_below`` (``x0_hat`` is blurry at high noise).
@@ -465,6 +523,8 @@ class BlindDiffPIR(DiffPIRMethod):
         centre: bool = True,
         passes: int = 1,
         smooth_weight: float = 0.0,
+        edge_fraction: float = 1.0,
+        edge_window: int = 5,
         **settings: Any,
     ):
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
@@ -477,6 +537,11 @@ class BlindDiffPIR(DiffPIRMethod):
             raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
         if not smooth_weight >= 0:
             raise ValueError(f"smooth_weight must be >= 0, got {smooth_weight}")
+        if not 0 < edge_fraction <= 1 or edge_window < 1 or edge_window % 2 == 0:
+            raise ValueError(
+                f"edge_fraction must lie in (0, 1] and edge_window be odd and positive, got {edge_fraction}, "
+                f"{edge_window}"
+            )
         super().__init__(**settings)
         self.kernel_args: dict[str, Any] = {
             "kernel_size": kernel_size,
@@ -493,6 +558,8 @@ class BlindDiffPIR(DiffPIRMethod):
             "centre": bool(centre),
             "passes": int(passes),
             "smooth_weight": float(smooth_weight),
+            "edge_fraction": float(edge_fraction),
+            "edge_window": int(edge_window),
         }
         self.last_kernel: Tensor | None = None
 
@@ -539,6 +606,8 @@ class BlindDiffPIR(DiffPIRMethod):
             beta=ka["beta"],
             kernel_iterations=ka["kernel_iterations"],
             threshold=ka["threshold"],
+            edge_fraction=ka["edge_fraction"],
+            edge_window=ka["edge_window"],
         )
         return centre_kernel(k) if ka["centre"] else k
 
