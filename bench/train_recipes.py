@@ -26,8 +26,12 @@ the table (its order is shuffled once, seeded, so the first ``--restore-count`` 
 
 1. one-step denoising PSNR at sigma 15/25/50 (0-255 scale) with the EMA weights (``Prior.denoise``);
 2. sample quality: 256 DDIM samples (50 steps, eta 0) judged by a small CNN classifier that this script trains on the
-   training split's labels (its held-out accuracy is printed): the share recognised with confidence >= 0.9 (also
-   over the first 64 samples, the issue's count), the classes present, and the Frechet distance between the
+   training split's labels, plus an eleventh class of generated non-digits (:func:`junk_images`: levels, noise,
+   smoothed noise; its held-out accuracy is printed): the share recognised as a digit with confidence >= 0.9 (also
+   over the first 64 samples, the issue's count); the share recognised and *typical*, i.e. also within the radius,
+   in the judge's features, around its class's training digits that holds 99 % of the validation digits
+   (:func:`fit_typicality`: a confident label on a blank or noisy field, which the judge gives freely to samples
+   unlike any digit, does not count); the classes among those, and the Frechet distance between the
    classifier's 64-d penultimate features of the samples and of the evaluation digits (a digit-domain FID: lower is
    closer to real digits);
 3. DiffPIR at equal NFEs on the evaluation digits: box inpainting (12x14 box in the middle, lambda 1, zeta 1,
@@ -53,6 +57,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -111,8 +116,25 @@ def mean_se(values: Tensor) -> tuple[float, float]:
 
 
 # -- the judge ------------------------------------------------------------------------------------------------------
+JUNK = 10  # the judge's eleventh class: "not a digit"
+
+
+def junk_images(n: int, generator: torch.Generator) -> Tensor:
+    """``n`` fields ``[n, 1, 32, 32]`` in [0, 1] that are not digits, the failures of an undertrained prior: a
+    uniform level plus noise of a random strength (none to heavy), smoothed over a random window (1-9 px)."""
+    out = torch.empty(n, 1, 32, 32)
+    for i in range(n):
+        level, strength = torch.rand(2, generator=generator).tolist()
+        w = 1 + 2 * int(torch.randint(0, 5, (1,), generator=generator))
+        noise = F.avg_pool2d(torch.randn(1, 1, 32 + w - 1, 32 + w - 1, generator=generator), w, 1)
+        noise = noise / noise.std().clamp_min(1e-6)
+        out[i] = (level + 0.5 * strength * noise).clamp(0, 1)[0]
+    return out
+
+
 class DigitNet(nn.Module):
-    """A small CNN digit classifier (three conv + batch-norm blocks); ``features`` is the 64-d penultimate layer."""
+    """A small CNN digit classifier (three conv + batch-norm blocks); ``features`` is the 64-d penultimate layer.
+    Eleven classes: the digits and :data:`JUNK`."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -122,7 +144,7 @@ class DigitNet(nn.Module):
             pool = nn.MaxPool2d(2) if i < 2 else nn.AdaptiveAvgPool2d(2)
             layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), pool]
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * width, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
+        self.head = nn.Linear(64, JUNK + 1)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x * 2 - 1)
@@ -133,7 +155,8 @@ class DigitNet(nn.Module):
 
 def train_classifier(images: Tensor, labels: Tensor, epochs: int = 30, seed: int = 0) -> DigitNet:
     """Adam (lr 2e-3 decaying linearly to 0), batch 64, random shifts of up to 2 px (so slightly off-centre samples
-    are still judged fairly)."""
+    are still judged fairly), plus 8 :func:`junk_images` per batch labelled :data:`JUNK` (without them the judge
+    gives blank or noisy fields a confident digit label)."""
     g = torch.Generator().manual_seed(seed)
     net = DigitNet()
     with torch.no_grad():  # seeded initialisation without touching the global RNG
@@ -151,13 +174,43 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 30, seed: int
         for i in range(0, n, 64):
             idx = order[i : i + 64]
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
-            x = torch.roll(images[idx], (dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(net(x), labels[idx])
+            x = torch.cat([torch.roll(images[idx], (dy, dx), dims=(2, 3)), junk_images(8, g)])
+            y = torch.cat([labels[idx], torch.full((8,), JUNK, dtype=labels.dtype)])
+            loss = F.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     return net.eval()
+
+
+class Typicality(NamedTuple):
+    """Per-class centroids ``[K, D]`` and scales ``[K]`` of the judge's features, and the radius ``tau``."""
+
+    centroids: Tensor
+    scales: Tensor
+    tau: float
+
+
+def fit_typicality(
+    train_f: Tensor, train_y: Tensor, calib_f: Tensor, calib_pred: Tensor, quantile: float = 0.99
+) -> Typicality:
+    """A rejection rule for the judge: the distance ``d = ||f - mu_c|| / s_c`` of a feature vector to the centroid of
+    its predicted class ``c`` (``mu_c``, ``s_c``: mean feature and mean distance to it of the training digits of
+    class c), and the radius ``tau``: the ``quantile`` of ``d`` over real digits the judge never trained on
+    (``calib_f`` with its predictions). A confident label on a blank field or noise is then rejected when the
+    sample lies outside where real digits of that class lie."""
+    k = int(train_y.max()) + 1
+    centroids = torch.stack([train_f[train_y == c].mean(0) for c in range(k)])
+    scales = torch.stack([(train_f[train_y == c] - centroids[c]).norm(dim=1).mean() for c in range(k)])
+    d = (calib_f - centroids[calib_pred]).norm(dim=1) / scales[calib_pred].clamp_min(1e-12)
+    return Typicality(centroids, scales, float(torch.quantile(d, quantile)))
+
+
+def typical(f: Tensor, pred: Tensor, model: Typicality) -> Tensor:
+    """Bool ``[N]``: features ``f`` within the radius of their predicted class (:func:`fit_typicality`)."""
+    d = (f - model.centroids[pred]).norm(dim=1) / model.scales[pred].clamp_min(1e-12)
+    return d <= model.tau
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -231,7 +284,7 @@ def train_recipe(name: str, init: dict[str, Tensor], args: argparse.Namespace) -
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(prior, judge: DigitNet, real: Tensor, args: argparse.Namespace) -> dict:
+def evaluate(prior, judge: DigitNet, typ: Typicality, real: Tensor, args: argparse.Namespace) -> dict:
     from diffpir import DiffPIR
     from diffpir.methods import build_method
     from diffpir.metrics import psnr
@@ -249,11 +302,17 @@ def evaluate(prior, judge: DigitNet, real: Tensor, args: argparse.Namespace) -> 
     samples = ddim_sample(prior, prior.schedule, (args.samples, 1, 32, 32), 50, 0.0, torch.Generator().manual_seed(0))
     prob = judge(samples).softmax(1)
     conf, cls = prob.max(1)
-    ok = conf >= 0.9
+    ok = (conf >= 0.9) & (cls != JUNK)
+    feats = judge.features(samples)
+    ok_typical = ok & typical(feats, cls.clamp(max=JUNK - 1), typ)
+    out["junk"] = float((cls == JUNK).float().mean())
     out["recognised"] = float(ok.float().mean())
     out["recognised_first64"] = float(ok[:64].float().mean())
+    out["recognised_typical"] = float(ok_typical.float().mean())
+    out["recognised_typical_first64"] = float(ok_typical[:64].float().mean())
     out["classes"] = sorted({int(c) for c in cls[ok]})
-    out["frechet"] = frechet_distance(judge.features(samples).numpy(), judge.features(real).numpy())
+    out["classes_typical"] = sorted({int(c) for c in cls[ok_typical]})
+    out["frechet"] = frechet_distance(feats.numpy(), judge.features(real).numpy())
     out["_samples"] = samples[:64]
     # 3. DiffPIR at equal NFEs.
     real = real[: args.restore_count]
@@ -310,18 +369,23 @@ def table(results: dict, base: dict, info: dict) -> str:
     lines = [
         f"{what}; evaluated on {info['eval_count']} held-out digits ({info['restore_count']} restored; box inpainting "
         f"at {info.get('box_steps', 20)} NFEs). Classifier held-out accuracy {100 * info['judge_accuracy']:.1f} %, "
-        f"{100 * info['judge_confident_real']:.1f} % of real held-out digits recognised with confidence >= 0.9. "
+        f"{100 * info['judge_confident_real']:.1f} % of real held-out digits recognised with confidence >= 0.9, "
+        f"{100 * info.get('judge_typical_real', float('nan')):.1f} % recognised and typical (within the feature "
+        "radius of their class that holds 99 % of the validation digits); "
+        f"{100 * info.get('judge_junk_caught', float('nan')):.1f} % of fresh generated non-digits called non-digits. "
         f"`python bench/train_recipes.py {info['argv']}`",
         "",
         ("| prior |" if info.get("priors") else "| recipe |")
-        + " denoise s15 | s25 | s50 | recognised, all samples (first 64) | classes | Frechet "
-        "| box inpaint (gain vs harmonic) | deblur (gain vs Wiener) | train img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + " denoise s15 | s25 | s50 | recognised, all samples (first 64) | recognised and typical (first 64) "
+        "| classes (typical) | Frechet | box inpaint (gain vs harmonic) | deblur (gain vs Wiener) | train img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {fmt(r['denoise_sigma15'])} | {fmt(r['denoise_sigma25'])} | {fmt(r['denoise_sigma50'])} | "
-            f"{100 * r['recognised']:.0f} % ({100 * r['recognised_first64']:.0f} %) | {len(r['classes'])} | "
+            f"{100 * r['recognised']:.0f} % ({100 * r['recognised_first64']:.0f} %) | "
+            f"{100 * r['recognised_typical']:.0f} % ({100 * r['recognised_typical_first64']:.0f} %) | "
+            f"{len(r['classes_typical'])} | "
             f"{r['frechet']:.2f} | {fmt(r['inpaint_box'])} ({r['inpaint_box_gain'][0]:+.2f}) | "
             f"{fmt(r['deblur'])} ({r['deblur_gain'][0]:+.2f}) | {r['img_per_s']:.1f} |"
         )
@@ -423,12 +487,24 @@ def main(argv: list[str] | None = None) -> None:
 
     train_x, train_y = load_split(args.data / "train")
     held_x, held_y = load_split(args.data / "val")
-    _, (eval_x, eval_y) = held_out_halves(held_x, held_y)  # the validation half stays for choosing settings
+    # the validation half stays for choosing settings, and calibrates the judge's rejection rule
+    (val_x, _), (eval_x, eval_y) = held_out_halves(held_x, held_y)
     judge = train_classifier(train_x, train_y)
     with torch.no_grad():
-        accuracy = float((judge(eval_x).argmax(1) == eval_y).float().mean())
-        confident_real = float((judge(eval_x).softmax(1).max(1).values >= 0.9).float().mean())
-    print(f"classifier: {100 * accuracy:.1f} % held-out accuracy, {100 * confident_real:.1f} % of real digits >= 0.9")
+        val_f = judge.features(val_x)
+        typ = fit_typicality(judge.features(train_x), train_y, val_f, judge.head(val_f)[:, :JUNK].argmax(1))
+        prob = judge(eval_x).softmax(1)
+        accuracy = float((prob.argmax(1) == eval_y).float().mean())
+        confident = (prob.max(1).values >= 0.9) & (prob.argmax(1) != JUNK)
+        confident_real = float(confident.float().mean())
+        digit = prob[:, :JUNK].argmax(1)
+        typical_real = float((confident & typical(judge.features(eval_x), digit, typ)).float().mean())
+        junk_check = junk_images(256, torch.Generator().manual_seed(99))  # fresh fields, not trained on
+        junk_caught = float((judge(junk_check).argmax(1) == JUNK).float().mean())
+    print(
+        f"classifier: {100 * accuracy:.1f} % held-out accuracy, {100 * confident_real:.1f} % of real digits >= 0.9, "
+        f"{100 * typical_real:.1f} % also typical; {100 * junk_caught:.1f} % of fresh junk fields called junk"
+    )
     base = baselines(eval_x[: args.restore_count])
     results: dict[str, dict] = {}
     grids = {}
@@ -440,12 +516,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             module, timing = train_recipe(name, initial_weights(args.preset), args)
             prior = module.eval_prior.eval()
-        res = evaluate(prior, judge, eval_x, args)
+        res = evaluate(prior, judge, typ, eval_x, args)
         grids[name] = res.pop("_samples")
         res.update(timing)
         results[name] = res
         print(
-            f"{name:15s} denoise s25 {fmt(res['denoise_sigma25'])}  recognised {100 * res['recognised']:.0f} %  "
+            f"{name:15s} denoise s25 {fmt(res['denoise_sigma25'])}  recognised {100 * res['recognised']:.0f} % "
+            f"(typical {100 * res['recognised_typical']:.0f} %)  "
             f"Frechet {res['frechet']:.2f}  box {fmt(res['inpaint_box'])} ({res['inpaint_box_gain'][0]:+.2f})  "
             f"deblur {fmt(res['deblur'])} ({res['deblur_gain'][0]:+.2f})  {timing['train_seconds']:.0f} s",
             flush=True,
@@ -459,6 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         "restore_count": min(args.restore_count, len(eval_x)),
         "judge_accuracy": accuracy,
         "judge_confident_real": confident_real,
+        "judge_typical_real": typical_real,
+        "judge_junk_caught": junk_caught,
         "priors": bool(args.priors),
         "box_steps": args.box_steps,
         "argv": " ".join(argv if argv is not None else __import__("sys").argv[1:]),

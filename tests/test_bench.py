@@ -95,8 +95,10 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
     for r in res["recipes"].values():
         for key in ("denoise_sigma15", "denoise_sigma25", "denoise_sigma50", "inpaint_box", "deblur"):
             assert np.isfinite(r[key][0]) and r[key][0] > 0
-        assert 0.0 <= r["recognised"] <= 1.0 and np.isfinite(r["frechet"])
+        assert 0.0 <= r["recognised_typical"] <= r["recognised"] <= 1.0 and np.isfinite(r["frechet"])
+        assert set(r["classes_typical"]) <= set(r["classes"])
     assert "| v_min_snr_quad |" in out.with_suffix(".md").read_text()
+    assert 0.0 <= res["info"]["judge_typical_real"] <= res["info"]["judge_confident_real"]
 
     # --priors scores finished priors the same way (here a tiny grey export), without training.
     prior = export_prior(Prior(build_unet("tiny", in_channels=1, out_channels=1), NoiseSchedule.linear()), None,
@@ -107,6 +109,44 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
     assert list(res["recipes"]) == [str(prior)] and res["info"]["priors"] and res["info"]["box_steps"] == 3
     assert np.isfinite(res["recipes"][str(prior)]["inpaint_box"][0])
     assert out.with_suffix(".md").read_text().startswith("Trained priors scored alike")
+
+
+def test_typicality_rejects_features_far_from_their_class():
+    """Two Gaussian clusters of features: fresh draws from a cluster pass at about the calibration quantile; a point
+    far from both, or one at cluster 0 labelled as class 1, is rejected; the radius is the quantile asked for."""
+    bench = _load_bench("train_recipes")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0]])
+    scales = torch.tensor([1.0, 2.0])
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 2
+        return centres[y] + scales[y, None] * torch.randn(n, 4, generator=g), y
+
+    train_f, train_y = draw(4000)
+    calib_f, calib_y = draw(4000)
+    model = bench.fit_typicality(train_f, train_y, calib_f, calib_y, quantile=0.9)
+    assert torch.allclose(model.centroids, centres, atol=0.15)
+    # the mean distance of a 4-d standard normal is about 1.88: the scales are 1.88 and 3.76
+    assert torch.allclose(model.scales, 1.88 * scales, rtol=0.05)
+    d = (calib_f - model.centroids[calib_y]).norm(dim=1) / model.scales[calib_y]
+    assert float((d <= model.tau).float().mean()) == pytest.approx(0.9, abs=1e-3)
+    test_f, test_y = draw(4000)
+    assert float(bench.typical(test_f, test_y, model).float().mean()) == pytest.approx(0.9, abs=0.02)
+    far = torch.tensor([[5.0, 30.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert bench.typical(far, torch.tensor([0, 1]), model).tolist() == [False, False]
+    assert bench.typical(far[1:], torch.tensor([0]), model).tolist() == [True]
+
+
+def test_junk_images_span_flat_to_noisy_fields():
+    bench = _load_bench("train_recipes")
+    a = bench.junk_images(200, torch.Generator().manual_seed(3))
+    assert a.shape == (200, 1, 32, 32) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, bench.junk_images(200, torch.Generator().manual_seed(3)))  # seeded by its generator
+    spread = a.flatten(1).std(1)
+    assert float(spread.min()) < 0.02 and float(spread.max()) > 0.3  # nearly flat fields and heavy noise
+    means = a.flatten(1).mean(1)
+    assert float(means.min()) < 0.15 and float(means.max()) > 0.85  # dark to bright
 
 
 def test_held_out_halves_keep_every_class_in_each_half():
