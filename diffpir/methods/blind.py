@@ -166,15 +166,11 @@ def _kernel_normal_terms(
     dt = torch.float64
     xf = torch.fft.rfft2(x.to(dt))  # [N, C, H, W']
     yf = torch.fft.rfft2(y.to(dt))
-    if mask is not None:
-        xd = x.to(dt)
-        grads = torch.stack([torch.roll(xd, -1, -1) - xd, torch.roll(xd, -1, -2) - xd])  # D_h x, D_v x
-        dd = _diff_otfs(h, w, xf.real)
-        xs, ys = torch.fft.rfft2(grads * mask.to(dt)), dd * yf  # [2, N, C, H, W']
-        dd2 = dd.abs().square().sum(0)[0, 0]
-    elif gradients:
+    if gradients:
         dd = _diff_otfs(h, w, xf.real)  # [2, 1, 1, H, W']
         xs, ys = dd * xf, dd * yf  # [2, N, C, H, W']
+        if mask is not None:  # the masked gradients of x, M D_d x, in the spatial domain
+            xs = torch.fft.rfft2(torch.fft.irfft2(xs, s=(h, w)) * mask.to(dt))
         dd2 = dd.abs().square().sum(0)[0, 0]  # [H, W']
     else:
         xs, ys = xf[None], yf[None]
