@@ -359,6 +359,37 @@ def test_a_second_pass_takes_the_kernel_step_on_the_first_restoration(tiny_prior
         BlindDiffPIR(smooth_weight=-1.0)
 
 
+def test_estimate_lambda_applies_to_the_passes_that_feed_a_kernel_step_only(tiny_prior):
+    x = edges_image(1, size=32, seed=25).float()
+    k = motion_kernel(9, 0.5, generator=gen(26))
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(27))
+    common = dict(steps=3, t_start=200, kernel_size=9, init_iterations=0, lambda_=7.0)
+    # the first pass with lambda_ = 40 (it feeds the kernel step), the second (returned) with lambda_ = 7
+    two = BlindDiffPIR(**common, passes=2, estimate_lambda=40.0)
+    assert two.nfe == 6 and two.config()["estimate_lambda"] == 40.0
+    res = two.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    g = gen(5)
+    feeder = BlindDiffPIR(**{**common, "lambda_": 40.0})
+    first = feeder.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=g)
+    expected = centre_kernel(
+        estimate_kernel(first.image.clamp(0, 1), y, 9, 1e-3, 1e-3, 30, 0.05, init=first.kernel.double())
+    )
+    assert torch.allclose(res.kernel.double(), expected, atol=1e-6)
+    final = BlindDiffPIR(**common).sampler_for(tiny_prior.schedule)
+    again = final(y, Blur(res.kernel, normalize=False), tiny_prior, sigma_n=0.01, generator=g, x_init=two.start())
+    assert torch.allclose(res.image, again, atol=1e-5)
+    # the same run with the default (None) differs: the first restoration, and so the kernel, change
+    plain = BlindDiffPIR(**common, passes=2).solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    assert float((plain.kernel - res.kernel).abs().max()) > 1e-4
+    # one pass: nothing feeds a kernel step, so the setting changes nothing
+    one = BlindDiffPIR(**common, estimate_lambda=40.0).solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    ref = BlindDiffPIR(**common).solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    assert torch.equal(one.image, ref.image)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="estimate_lambda"):
+            BlindDiffPIR(estimate_lambda=bad)
+
+
 def test_blind_task_hides_the_kernel():
     spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=15)
     params = synthesize_params(spec, "img", 32, 32, seed=0)

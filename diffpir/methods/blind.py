@@ -492,6 +492,10 @@ class BlindDiffPIR(DiffPIRMethod):
             sampling), smooth it by :func:`l0_smooth` with this weight: the salient edges identify the kernel,
             while texture the restoration got wrong and leftover blur pull it towards the kernel already used
             (the step's fixed point). 0 turns it off.
+        estimate_lambda: the sampler's ``lambda_`` in the passes whose restoration feeds a kernel step (all but the
+            last; None: ``lambda_``). A larger value trusts the data, and so the kernel in use, less: the
+            restoration leans on the prior and does not reproduce that kernel's errors, which lets the kernel
+            step leave its fixed point. The last pass, the one returned, keeps ``lambda_``.
         **settings: the DiffPIR sampler's, by keyword, as :class:`~diffpir.methods.DiffPIRMethod` (the current
             kernel in the data step), with the defaults :attr:`SAMPLER_DEFAULTS` (20 steps from the classical
             restoration diffused to ``t_start = 400``, ``zeta = 1``).
@@ -521,6 +525,7 @@ class BlindDiffPIR(DiffPIRMethod):
         smooth_weight: float = 0.0,
         edge_fraction: float = 1.0,
         edge_window: int = 5,
+        estimate_lambda: float | None = None,
         **settings: Any,
     ):
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
@@ -538,7 +543,13 @@ class BlindDiffPIR(DiffPIRMethod):
                 f"edge_fraction must lie in (0, 1] and edge_window be odd and positive, got {edge_fraction}, "
                 f"{edge_window}"
             )
+        if estimate_lambda is not None and not estimate_lambda > 0:
+            raise ValueError(f"estimate_lambda must be positive (or None), got {estimate_lambda}")
         super().__init__(**settings)
+        # the sampler of the passes that feed a kernel step (the same one when estimate_lambda is None)
+        self._estimator = (
+            self if estimate_lambda is None else DiffPIRMethod(**{**self.settings, "lambda_": float(estimate_lambda)})
+        )
         self.kernel_args: dict[str, Any] = {
             "kernel_size": kernel_size,
             "levels": levels,
@@ -556,6 +567,7 @@ class BlindDiffPIR(DiffPIRMethod):
             "smooth_weight": float(smooth_weight),
             "edge_fraction": float(edge_fraction),
             "edge_window": int(edge_window),
+            "estimate_lambda": None if estimate_lambda is None else float(estimate_lambda),
         }
         self.last_kernel: Tensor | None = None
 
@@ -647,12 +659,16 @@ class BlindDiffPIR(DiffPIRMethod):
                 kernel = live.kernel.clone() if refined else kernel_used
                 callback(BlindStepState(**base, kernel=kernel, refined=refined))
 
-        x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+        estimator = self._estimator.sampler_for(sampler.schedule) if passes > 1 else sampler
+        x = (sampler if passes == 1 else estimator)(
+            y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start()
+        )
         for i in range(1, passes):  # the kernel step given the last restoration, then DiffPIR with the new kernel
             k = kernel_step(x.clamp(0, 1).float())
             live.kernel.copy_((centre_kernel(k) if ka["centre"] else k).to(live.kernel.dtype))
             final_pass[0] = i == passes - 1
-            x = sampler(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+            run = sampler if final_pass[0] else estimator
+            x = run(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
         kernel = live.kernel.detach().float().clone()
         self.last_kernel = kernel
         return BlindResult(x, kernel)
