@@ -659,10 +659,9 @@ class BlindDiffPIR(DiffPIRMethod):
                 kernel = live.kernel.clone() if refined else kernel_used
                 callback(BlindStepState(**base, kernel=kernel, refined=refined))
 
+        # every pass but the last feeds a kernel step: those run with estimate_lambda
         estimator = self._estimator.sampler_for(sampler.schedule) if passes > 1 else sampler
-        x = (sampler if passes == 1 else estimator)(
-            y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start()
-        )
+        x = estimator(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
         for i in range(1, passes):  # the kernel step given the last restoration, then DiffPIR with the new kernel
             k = kernel_step(x.clamp(0, 1).float())
             live.kernel.copy_((centre_kernel(k) if ka["centre"] else k).to(live.kernel.dtype))
