@@ -26,6 +26,8 @@ from diffpir.prepare.common import (
 )
 
 __all__ = [
+    "LOMIRI_16_PHOTOS_CC_BY",
+    "LOMIRI_16_PHOTOS_CC_BY_SA",
     "MATE_PHOTOS",
     "NATURAL_SOURCES",
     "NATURAL_VAL",
@@ -65,11 +67,32 @@ MATE_PHOTOS = (
     "RainDrops.jpg", "Storm.jpg", "TwoWings.jpg", "Wood.jpg", "YellowFlower.jpg",
 )  # fmt: skip
 
+# Photographs of the Lomiri (Ubuntu Touch) wallpaper packages, grouped by the licence that their copyright file
+# gives per file. Left out: the gradients and renders (umang, Fossa, Infinite-Sea, Painting-Colors,
+# warty-final-ubuntu) and analogpattern (textured glass under a colour wash).
+LOMIRI_16_PHOTOS_CC_BY = (
+    "Picture_0B_by_freespace.jpg", "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg",
+    "aitzgorri_by_Aitzol_Berasategi.jpg", "friends_by_Aitzol_Berasategi.jpg", "life_by_Aitzol_Berasategi.jpg",
+    "picosdeeuropa_by_Aitzol_Berasategi.jpg", "sunset_by_Aitzol_Berasategi.jpg",
+)  # fmt: skip
+LOMIRI_16_PHOTOS_CC_BY_SA = (
+    "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "free_by_Peter_Nerlich.jpg",
+    "greentock_by_Peter_Nerlich.jpg",
+)  # fmt: skip
+
 NATURAL_SOURCES = (
     DebSource(
         "opencv-doc", "usr/share/doc/opencv-doc/examples/data", OPENCV_PHOTOS, "opencv", "Apache-2.0 AND BSD-3-Clause"
     ),
     DebSource("mate-backgrounds", "usr/share/backgrounds/mate/nature", MATE_PHOTOS, "mate", "GPL-2+"),
+    DebSource("lomiri-wallpapers-16.04", "usr/share/backgrounds", LOMIRI_16_PHOTOS_CC_BY, "lomiri", "CC-BY-4.0"),
+    DebSource("lomiri-wallpapers-16.04", "usr/share/backgrounds", LOMIRI_16_PHOTOS_CC_BY_SA, "lomiri", "CC-BY-SA-4.0"),
+    DebSource(
+        "lomiri-wallpapers-16.04", "usr/share/backgrounds", ("seeding_by_Clements_Engelhardt.jpg",), "lomiri", "CC0-1.0"
+    ),
+    DebSource(
+        "lomiri-wallpapers-20.04", "usr/share/backgrounds", ("Kleiber_by_Lukas_Baubkus.jpg",), "lomiri", "CC-BY-SA-3.0"
+    ),
 )
 # Held out for validation (never in train): one object photo, one street scene, one nature photograph.
 NATURAL_VAL = ("opencv_butterfly", "opencv_leuvenA", "mate_YellowFlower")
