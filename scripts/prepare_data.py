@@ -1,7 +1,8 @@
-"""Prepare the offline datasets: ``python scripts/prepare_data.py {digits,natural,eval,all} [--out data]``.
+"""Prepare the offline datasets: ``python scripts/prepare_data.py {digits,natural,eval,kernels,all} [--out data]``.
 
 A thin command line over :mod:`diffpir.prepare`; each step is idempotent and can be rerun. ``all`` runs
-digits, natural and eval in that order. ``samples`` (not part of ``all``) writes the committed demo
+digits, natural and eval in that order; ``kernels`` (20k synthetic camera-shake kernels for a kernel prior, a few
+minutes) only when named. ``samples`` (not part of ``all``) writes the committed demo
 photographs in ``diffpir/assets/samples/`` that are missing or invalid (a maintainer's step; delete one to regenerate
 it; ``--out`` does not apply to it). No argument means ``all``.
 """
@@ -19,7 +20,9 @@ STEPS = {
     "digits": prepare.prepare_digits,
     "natural": prepare.prepare_natural,
     "eval": prepare.prepare_eval,
+    "kernels": prepare.prepare_kernels,
 }
+ALL = ("digits", "natural", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [w for w in what if w not in choices]
     if unknown:
         parser.error(f"unknown dataset {unknown[0]!r}: choose from {', '.join(choices)}")
-    names = list(STEPS) if "all" in what else [n for n in STEPS if n in what]
+    names = [n for n in STEPS if n in what or ("all" in what and n in ALL)]
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name} -> {args.out / name}", flush=True)

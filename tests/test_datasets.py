@@ -24,6 +24,7 @@ from diffpir.prepare import (
     iter_deb_files,
     prepare_digits,
     prepare_eval,
+    prepare_kernels,
     prepare_natural,
 )
 
@@ -110,6 +111,11 @@ def test_cli_dispatches_to_steps(tmp_path, monkeypatch):
     calls.clear()
     assert cli.main(["eval", "digits", "--out", str(tmp_path)]) == 0  # STEPS order, not argument order
     assert calls == [("digits", tmp_path), ("eval", tmp_path)]
+    calls.clear()
+    assert cli.main(["kernels", "--out", str(tmp_path)]) == 0  # only when named: not part of all
+    assert calls == [("kernels", tmp_path)]
+    calls.clear()
+    assert cli.main(["eval", "digits", "--out", str(tmp_path)]) == 0
     with pytest.raises(SystemExit):
         cli.main(["photos"])
     assert calls == [("digits", tmp_path), ("eval", tmp_path)]
@@ -236,3 +242,73 @@ def test_samples_match_their_source():
     crop = np.asarray(prepare.eval_crop("chelsea"), dtype=np.float64)
     committed = np.asarray(Image.open(ROOT / "diffpir" / "assets" / "samples" / "chelsea.png"), dtype=np.float64)
     assert np.abs(crop - committed).max() <= 1.0  # same recipe (Lanczos may differ by one level across Pillow)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic kernels (the training data of a kernel prior)
+# ---------------------------------------------------------------------------------------------------------
+def _kernel_pngs(root: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(root).as_posix(): np.asarray(Image.open(p)) for p in sorted(root.glob("*/*.png"))}
+
+
+def test_prepare_kernels_writes_the_generators_kernels_and_resumes(tmp_path):
+    from diffpir.operators import motion_kernel
+    from diffpir.prepare.kernels import _generator
+
+    manifest = prepare_kernels(tmp_path, n_train=5, n_val=2, log=lambda _: None)
+    root = tmp_path / "kernels"
+    pngs = _kernel_pngs(root)
+    assert list(pngs) == [f"train/{i:06d}.png" for i in range(5)] + ["val/000005.png", "val/000006.png"]
+    assert manifest["counts"] == {"train": 5, "val": 2} and manifest["intensity"] == [0.2, 1.0]
+    levels = []
+    for i, a in enumerate(pngs.values()):
+        assert a.shape == (32, 32) and a.dtype == np.uint8 and a.max() == 255
+        assert not a[31].any() and not a[:, 31].any()  # 31x31 kernel in the top-left corner of the canvas
+        # the PNG is the motion kernel of (seed, index), scaled to a maximum of 255
+        g = _generator(0, i)
+        level = 0.2 + 0.8 * float(torch.rand(1, generator=g, dtype=torch.float64))
+        k = motion_kernel(31, level, generator=g, dtype=torch.float64).numpy()
+        assert np.abs(a[:31, :31].astype(np.float64) - k / k.max() * 255).max() <= 0.5 + 1e-9
+        # its centre of mass is the central pixel (15, 15), up to the 8-bit rounding
+        w = a[:31, :31].astype(np.float64)
+        com = [(w.sum(axis=1 - d) * np.arange(31)).sum() / w.sum() for d in (0, 1)]
+        assert np.allclose(com, 15, atol=0.1)
+        levels.append(level)
+    assert len({round(v, 6) for v in levels}) == 7 and all(0.2 <= v <= 1.0 for v in levels)
+    # a rerun keeps every file; a smaller one removes the kernels it no longer lists
+    mtimes = {p: p.stat().st_mtime_ns for p in root.glob("*/*.png")}
+    prepare_kernels(tmp_path, n_train=5, n_val=2, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/*.png")} == mtimes
+    prepare_kernels(tmp_path, n_train=3, n_val=1, log=lambda _: None)
+    small = _kernel_pngs(root)
+    assert list(small) == ["train/000000.png", "train/000001.png", "train/000002.png", "val/000003.png"]
+    assert all(np.array_equal(small[n], pngs[n]) for n in small if n.startswith("train/"))
+    # other settings rewrite the files: another seed gives other kernels
+    prepare_kernels(tmp_path, n_train=3, n_val=1, seed=1, log=lambda _: None)
+    assert not any(np.array_equal(a, small[n]) for n, a in _kernel_pngs(root).items())
+    with pytest.raises(ValueError, match="n_train"):
+        prepare_kernels(tmp_path, n_train=0)
+    with pytest.raises(ValueError, match="odd"):
+        prepare.kernel_png(0, size=32)
+
+
+def test_kernels_config_trains_on_prepared_kernels(tmp_path, monkeypatch):
+    """configs/train/kernels.yaml as its header says, on a few prepared kernels and two steps."""
+    from diffpir.cli.train import build_cli
+
+    prepare_kernels(tmp_path / "data", n_train=8, n_val=4, log=lambda _: None)
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        [
+            "fit",
+            "--config", str(ROOT / "configs" / "train" / "kernels.yaml"),
+            "--num_threads", "1",
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1",
+            "--data.batch_size", "4",
+            "--model.warmup_steps", "1",
+            "--model.cooldown_steps", "1",
+        ],
+    )  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.model.hparams.prediction == "v"
+    assert (tmp_path / "runs" / "kernels" / "checkpoints" / "last.ckpt").is_file()

