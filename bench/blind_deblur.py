@@ -18,7 +18,8 @@ Rows, all scored by PSNR / SSIM (uint8) after the best integer alignment within 
 - ``blind_diffpir``: the method with the config's settings (``--method-args`` JSON overrides), with the kernel NCC
   at the best shift and the time per image;
 - ``wiener_estimated``: Wiener (UPRE NSR) with the blind method's kernel (how good the kernel alone is);
-- ``diffpir_true_kernel``: non-blind DiffPIR with the same sampler settings and the true kernel (the upper bound).
+- ``diffpir_true_kernel``: non-blind DiffPIR with the same sampler settings and ``samples``, and the true kernel (the
+  upper bound).
 
 ::
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = Degradation(**deg)
     prior = load_prior(args.prior)
     blind = BlindDiffPIR(**sampler_args, **method_args)
-    nonblind = DiffPIRMethod(**sampler_args)
+    nonblind = DiffPIRMethod(samples=method_args.get("samples", 1), **sampler_args)  # the same mean of samples
     images = crops(args.split, args.data, args.size, args.crops)
     per_image = []
     for key, x in images:
@@ -208,8 +209,10 @@ def _aggregate(args, per_image, sampler_args, method_args, spec) -> dict:
             "degradation": spec.to_dict(),
             "sampler": sampler_args,
             "method_args": method_args,
-            "nfe": int(sampler_args.get("steps", 0)) * int(method_args.get("passes", 1)),  # the blind method's
-            "nfe_nonblind": int(sampler_args.get("steps", 0)),
+            # the blind method's: every pass, the last one `samples` times
+            "nfe": int(sampler_args.get("steps", 0))
+            * (int(method_args.get("passes", 1)) - 1 + int(method_args.get("samples", 1))),
+            "nfe_nonblind": int(sampler_args.get("steps", 0)) * int(method_args.get("samples", 1)),
             "align_px": ALIGN,
             "seed": args.seed,
             "threads": args.threads,

@@ -390,6 +390,27 @@ def test_estimate_lambda_applies_to_the_passes_that_feed_a_kernel_step_only(tiny
             BlindDiffPIR(estimate_lambda=bad)
 
 
+def test_samples_average_the_last_pass_only(tiny_prior):
+    x = edges_image(1, size=32, seed=25).float()
+    k = motion_kernel(9, 0.5, generator=gen(26))
+    y = Blur(k)(x) + 0.01 * torch.randn(x.shape, generator=gen(27))
+    common = dict(steps=3, t_start=200, kernel_size=9, init_iterations=0, passes=2, estimate_lambda=30.0)
+    ref = BlindDiffPIR(**common).solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    three = BlindDiffPIR(**common, samples=3)
+    assert three.nfe == (1 + 3) * 3 and three.config()["samples"] == 3
+    res = three.solve(y, BlindBlur(9), tiny_prior, 0.01, generator=gen(5))
+    assert torch.equal(res.kernel, ref.kernel)  # the passes that feed the kernel step take one sample
+    # the image: the reference's last pass, then two more draws with the same kernel, continuing the generator
+    g = gen(5)
+    BlindDiffPIR(**{**common, "passes": 1, "lambda_": 30.0}).solve(y, BlindBlur(9), tiny_prior, 0.01, generator=g)
+    final = BlindDiffPIR(**common).sampler_for(tiny_prior.schedule)
+    op = Blur(ref.kernel, normalize=False)
+    draws = [final(y, op, tiny_prior, sigma_n=0.01, generator=g, x_init=three.start()) for _ in range(3)]
+    torch.testing.assert_close(draws[0], ref.image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.image, sum(draws) / 3, atol=1e-5, rtol=0)
+    assert float((res.image - ref.image).abs().max()) > 1e-3
+
+
 def test_blind_task_hides_the_kernel():
     spec = Degradation(task="deblur_blind", sigma_n=0.01, kernel_size=15)
     params = synthesize_params(spec, "img", 32, 32, seed=0)

@@ -243,6 +243,28 @@ def test_methods_beat_the_measurement_on_gaussian_deblurring(gprior, truth, debl
     assert mse(x, truth) > 0.98 * mse(pm, truth)  # nothing beats the exact posterior mean
 
 
+def test_diffpir_samples_average_successive_draws_towards_the_posterior_mean(gprior, deblur):
+    y, op, sigma_n, pm = deblur
+    one = DiffPIRMethod(steps=20, zeta=1.0)
+    four = DiffPIRMethod(steps=20, zeta=1.0, samples=4)
+    assert four.nfe == 4 * one.nfe == 80 and four.config()["samples"] == 4 and one.config()["samples"] == 1
+    steps = []
+    out = four(y, op, gprior, sigma_n, generator=gen(7), callback=steps.append)
+    assert [s.index for s in steps] == list(range(20))  # the first sample's trajectory only
+    g = gen(7)  # the samples are drawn one after another from the same generator
+    draws = [one(y, op, gprior, sigma_n, generator=g) for _ in range(4)]
+    torch.testing.assert_close(out, sum(draws) / 4, atol=1e-12, rtol=0)
+    # the mean of four samples is far closer to the exact posterior mean than one sample
+    assert mse(out, pm) < 0.5 * mse(draws[0], pm)
+    # per-image generators: an image's result does not depend on the batch it is in
+    both = four(y[:2], op, gprior, sigma_n, generator=[gen(1), gen(2)])
+    alone = four(y[1:2], op, gprior, sigma_n, generator=[gen(2)])
+    torch.testing.assert_close(both[1:2], alone, atol=1e-9, rtol=0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="samples"):
+            DiffPIRMethod(samples=bad)
+
+
 # Measured against mean fill: DPS 0.36, DDNM 0.39, DPIR 0.50, DiffPIR 0.36, harmonic fill 0.31.
 INPAINT_MARGINS = {
     "dps": (DPS(steps=200, scale=1.0), 0.45),

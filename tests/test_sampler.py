@@ -314,7 +314,8 @@ def test_settings_are_written_once_and_round_trip_through_the_methods(sched):
     sampler = DiffPIR(sched, steps=7, lambda_=3.0, zeta=0.9, t_start=500, init="classical", output="x0_hat")
     assert DiffPIR(sched, **sampler.config()).config() == sampler.config()
     method = DiffPIRMethod(**sampler.config())
-    assert method.config() == sampler.config() != DiffPIR(sched).config()
+    assert method.config() == {**sampler.config(), "samples": 1} and sampler.config() != DiffPIR(sched).config()
+    assert DiffPIRMethod(**method.config()).config() == method.config()  # a config rebuilds its method
     assert method.sampler_for(sched).timesteps == sampler.timesteps
     blind = BlindDiffPIR(kernel_size=9, **sampler.config())
     assert {k: blind.config()[k] for k in DiffPIR.PARAMS} == sampler.config() and blind.config()["kernel_size"] == 9

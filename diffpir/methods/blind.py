@@ -496,6 +496,9 @@ class BlindDiffPIR(DiffPIRMethod):
             last; None: ``lambda_``). A larger value trusts the data, and so the kernel in use, less: the
             restoration leans on the prior and does not reproduce that kernel's errors, which lets the kernel
             step leave its fixed point. The last pass, the one returned, keeps ``lambda_``.
+        samples: the last pass only: the mean of this many samples with the final kernel
+            (:class:`~diffpir.methods.DiffPIRMethod`'s ``samples``; with ``refine_every`` the first sample refines
+            the kernel and the others use the refined one). The passes that feed a kernel step take one sample.
         **settings: the DiffPIR sampler's, by keyword, as :class:`~diffpir.methods.DiffPIRMethod` (the current
             kernel in the data step), with the defaults :attr:`SAMPLER_DEFAULTS` (20 steps from the classical
             restoration diffused to ``t_start = 400``, ``zeta = 1``).
@@ -526,6 +529,7 @@ class BlindDiffPIR(DiffPIRMethod):
         edge_fraction: float = 1.0,
         edge_window: int = 5,
         estimate_lambda: float | None = None,
+        samples: int = 1,
         **settings: Any,
     ):
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
@@ -545,7 +549,7 @@ class BlindDiffPIR(DiffPIRMethod):
             )
         if estimate_lambda is not None and not estimate_lambda > 0:
             raise ValueError(f"estimate_lambda must be positive (or None), got {estimate_lambda}")
-        super().__init__(**settings)
+        super().__init__(samples=samples, **settings)
         # the sampler of the passes that feed a kernel step (the same one when estimate_lambda is None)
         self._estimator = (
             self if estimate_lambda is None else DiffPIRMethod(**{**self.settings, "lambda_": float(estimate_lambda)})
@@ -573,7 +577,7 @@ class BlindDiffPIR(DiffPIRMethod):
 
     @property
     def nfe(self) -> int:
-        return self.kernel_args["passes"] * super().nfe
+        return (self.kernel_args["passes"] - 1 + self.samples) * self.sampler.nfe
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.kernel_args}
@@ -660,14 +664,19 @@ class BlindDiffPIR(DiffPIRMethod):
                 callback(BlindStepState(**base, kernel=kernel, refined=refined))
 
         # every pass but the last feeds a kernel step: those run with estimate_lambda
-        estimator = self._estimator.sampler_for(sampler.schedule) if passes > 1 else sampler
-        x = estimator(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+        estimator = self._estimator.sampler_for(sampler.schedule)
+
+        def run_pass() -> Tensor:
+            if final_pass[0]:  # the returned pass: `samples` of them, averaged (the first one refines the kernel)
+                return self.sample_mean(sampler, y, live, prior, sigma_n, generator, step)
+            return estimator(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+
+        x = run_pass()
         for i in range(1, passes):  # the kernel step given the last restoration, then DiffPIR with the new kernel
             k = kernel_step(x.clamp(0, 1).float())
             live.kernel.copy_((centre_kernel(k) if ka["centre"] else k).to(live.kernel.dtype))
             final_pass[0] = i == passes - 1
-            run = sampler if final_pass[0] else estimator
-            x = run(y, live, prior, sigma_n=sigma_n, generator=generator, callback=step, x_init=self.start())
+            x = run_pass()
         kernel = live.kernel.detach().float().clone()
         self.last_kernel = kernel
         return BlindResult(x, kernel)
