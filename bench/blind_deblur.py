@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             + f" ncc={row['blind_diffpir']['kernel_ncc']:.3f} t={row['blind_diffpir']['seconds']:.1f}s",
             flush=True,
         )
-    result = _aggregate(args, per_image, sampler_args, method_args, spec)
+    result = _aggregate(args, per_image, sampler_args, method_args, spec, (blind.nfe, nonblind.nfe))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "blind_deblur" if args.split == "eval" else "blind_deblur_val"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -181,7 +181,7 @@ def _extent(k: torch.Tensor) -> int:
     return int(max(nz[:, 0].max() - nz[:, 0].min(), nz[:, 1].max() - nz[:, 1].min()) + 1)
 
 
-def _aggregate(args, per_image, sampler_args, method_args, spec) -> dict:
+def _aggregate(args, per_image, sampler_args, method_args, spec, nfes: tuple[int, int]) -> dict:
     rows = {}
     for r in ROWS:
         have = [p for p in per_image if r in p]
@@ -209,10 +209,8 @@ def _aggregate(args, per_image, sampler_args, method_args, spec) -> dict:
             "degradation": spec.to_dict(),
             "sampler": sampler_args,
             "method_args": method_args,
-            # the blind method's: every pass, the last one `samples` times
-            "nfe": int(sampler_args.get("steps", 0))
-            * (int(method_args.get("passes", 1)) - 1 + int(method_args.get("samples", 1))),
-            "nfe_nonblind": int(sampler_args.get("steps", 0)) * int(method_args.get("samples", 1)),
+            "nfe": nfes[0],  # the blind method's: every pass, the last one `samples` times
+            "nfe_nonblind": nfes[1],
             "align_px": ALIGN,
             "seed": args.seed,
             "threads": args.threads,
