@@ -482,6 +482,14 @@ def test_cli_method_option(prior_file, tmp_path, monkeypatch):
     assert isinstance(cli.model.method, DPS) and cli.model.method.scale == 0.5 and cli.model.method.nfe == 100
     cli = build_cli(base, run=False)
     assert isinstance(cli.model.method, DiffPIRMethod) and cli.model.method.sampler.lambda_ == 7.0  # unchanged
+    # another method gets its own defaults for the settings the config wrote for DiffPIR (jsonargparse alone would
+    # keep lambda_ 7 and eta 0 for DPIR and DDNM), the NFE budget excepted; the command line still sets them
+    cli = build_cli([*base, "--model.method", "DPIR"], run=False)
+    assert isinstance(cli.model.method, DPIR) and cli.model.method.lambda_ == 0.23 and cli.model.method.iterations == 8
+    cli = build_cli([*base, "--model.method", "DPIR", "--model.method.lambda_", "0.5"], run=False)
+    assert cli.model.method.lambda_ == 0.5
+    cli = build_cli([*base, "--model.method", "DDNM", "--model.method.steps=7"], run=False)
+    assert isinstance(cli.model.method, DDNM) and cli.model.method.eta == 0.85 and cli.model.method.nfe == 7
     with pytest.raises(SystemExit):  # jsonargparse rejects an unknown method
         build_cli([*base, "--model.method", "DDRM"], run=False)
     with pytest.raises(SystemExit):  # and a setting the method does not take

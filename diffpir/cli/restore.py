@@ -31,6 +31,7 @@ partial is left): one line, status 143; the same command resumes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -62,6 +64,83 @@ __all__ = ["RestoreCLI", "build_cli", "main"]
 
 TRAINER_DEFAULTS: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False}
 
+KEPT_ON_SWITCH = frozenset({"steps"})
+"""Settings that a config wrote for one method and that carry over to another method chosen with ``--model.method``:
+the NFE budget means the same for every sampler. Every other shared name (``lambda_``: DiffPIR's weight is not DPIR's;
+``eta``: DiffPIR's noise mix is not DDNM's) goes back to the new method's default."""
+
+log = logging.getLogger("diffpir")
+
+
+def _method_spec(value: Any) -> tuple[str | None, dict[str, Any]]:
+    """``(class name, init_args)`` of a ``model.method`` value from a config file (a dict or a bare class path)."""
+    if isinstance(value, str):
+        return value.rsplit(".", 1)[-1], {}
+    if isinstance(value, dict) and isinstance(value.get("class_path"), str):
+        return value["class_path"].rsplit(".", 1)[-1], dict(value.get("init_args") or {})
+    return None, {}
+
+
+def _cli_method_keys(argv: Sequence[str]) -> set[str]:
+    """The method settings given on the command line (``--model.method.KEY [VALUE]`` or ``--model.method.KEY=V``)."""
+    keys = set()
+    for token in argv:
+        for prefix in ("--model.method.init_args.", "--model.method."):
+            if isinstance(token, str) and token.startswith(prefix):
+                keys.add(token[len(prefix) :].split("=", 1)[0])
+                break
+    return keys
+
+
+def reset_switched_method(config: Any, argv: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """After ``--model.method OTHER`` on top of a config written for another method, put the settings that the config
+    wrote for the old method back to OTHER's defaults (jsonargparse keeps every shared name, so ``--model.method
+    DPIR`` on a DiffPIR config would run DPIR with DiffPIR's ``lambda_`` 7 instead of its 0.23), except
+    :data:`KEPT_ON_SWITCH` and what the command line sets. Changes ``config`` in place; returns ``{key: (config's
+    value, new value or None when the key is dropped)}``."""
+    method = config.get("model", {}).get("method") if hasattr(config, "get") else None
+    if method is None or not getattr(method, "class_path", None):
+        return {}
+    old_name, old_args = None, {}
+    for path in config.get("config") or []:
+        text = path.get_content() if hasattr(path, "get_content") else Path(str(path)).read_text()
+        data = yaml.safe_load(text) or {}
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and "method" in model:
+            old_name, old_args = _method_spec(model["method"])
+    new_name = method.class_path.rsplit(".", 1)[-1]
+    if old_name is None or old_name == new_name or method.get("init_args") is None:
+        return {}
+    from diffpir.methods import METHODS
+
+    cls = next((c for c in METHODS.values() if c.__name__ == new_name), None)
+    params = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    given = _cli_method_keys(argv)
+    changed: dict[str, tuple[Any, Any]] = {}
+    init_args = method.init_args
+    for key, value in old_args.items():
+        if key in KEPT_ON_SWITCH or key in given or key not in init_args:
+            continue
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty:
+            del init_args[key]
+            changed[key] = (value, None)
+        elif init_args[key] != default:
+            init_args[key] = default
+            changed[key] = (value, default)
+    for key, (value, new) in changed.items():
+        now = f"{new_name}'s default {new}" if new is not None else f"{new_name}'s default"
+        log.info(
+            "--model.method %s: %s set back to %s (the config's %r was for %s); --model.method.%s sets it",
+            new_name,
+            key,
+            now,
+            value,
+            old_name,
+            key,
+        )
+    return changed
+
 
 class RestoreCLI(LightningCLI):
     """LightningCLI for :class:`RestorationModule` and :class:`RestorationDataModule` with the writer and the
@@ -81,10 +160,18 @@ class RestoreCLI(LightningCLI):
         # the data's channels are the prior's (1 or 3), known once the module has loaded it
         parser.link_arguments("model", "data.channels", compute_fn=_prior_channels, apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = (
+            [] if isinstance(args, dict) or hasattr(args, "as_dict") else list(sys.argv[1:] if args is None else args)
+        )
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         """Check what concerns the whole run before anything (the prior first) is loaded: one error, naming the
-        option, instead of one per image."""
+        option, instead of one per image. A method chosen on the command line over a config written for another one
+        gets its own defaults (:func:`reset_switched_method`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        reset_switched_method(config, getattr(self, "_argv", []))
         data = config.get("data") or {}
         spec = data.get("degradation")
         try:
