@@ -43,3 +43,20 @@ def test_demo_runs_the_shipped_fast_configs():
     assert demo_steps("inpaint_random") == 40
     assert demo_steps("inpaint_box") == 5
     assert demo_steps("inpaint_random", 3) == demo_steps("denoise", 3) == 3
+
+
+def test_demo_runs_other_baselines_with_their_own_settings(tmp_path, capsys):
+    """``--baselines dpir``: DPIR (the prior as its denoiser) on the same degraded photos, with DPIR's own lambda_
+    (0.23), not the DiffPIR config's 7, and its 8 iterations as the NFEs in the table."""
+    prior = tmp_path / "tiny.safetensors"
+    export_prior(build_unet("tiny"), NoiseSchedule.linear(), prior)
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--prior", str(prior), "--steps", "2", "--images", "1", "--tasks", "denoise"]
+    assert main([*args, "--baselines", "classical", "dpir"]) == 0
+    rows = {r["method"]: r for r in csv.DictReader((out / "metrics.csv").open())}
+    assert set(rows) == {"diffpir", "classical", "dpir"}
+    assert (rows["dpir"]["nfe"], rows["classical"]["nfe"], rows["diffpir"]["nfe"]) == ("8", "0", "2")
+    config = yaml.safe_load((out / "baselines" / "dpir" / "denoise" / "config.yaml").read_text())["model"]["method"]
+    assert config["class_path"].endswith("DPIR") and config["init_args"]["lambda_"] == 0.23
+    assert main([*args, "--baselines", "ddrm"]) == 2
+    assert "unknown baseline" in capsys.readouterr().err

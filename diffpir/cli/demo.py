@@ -1,11 +1,14 @@
 """The main job: restore the bundled sample photos for every paper task with the bundled ``natural`` prior.
 
     python -m diffpir.cli.demo [--out outputs/demo] [--steps N] [--images 5] [--no-baseline]
+    python -m diffpir.cli.demo --baselines classical dpir_ffdnet   # also DPIR with the pretrained FFDNet
 
 For each task (configs/restore/<task>.yaml: Gaussian and motion deblurring, SR x4, box and random inpainting,
 denoising) it runs ``diffpir-restore predict`` on the bundled 256x256 sample photos (``diffpir/assets/samples``),
 then the task's classical baseline through the same CLI (``--model.method Classical``: Wiener deconvolution, bicubic
-upsampling, harmonic fill, ...) when that method is available. It writes, under ``--out``:
+upsampling, harmonic fill, ...) when that method is available, and any other method named in ``--baselines``
+(with its own default settings: ``dpir_ffdnet`` runs DPIR's 8 HQS iterations with lambda 0.23). It writes, under
+``--out``:
 
     <task>/restored/*.png, <task>/degraded/*.png, <task>/grid/*.png   (degraded | restored | truth)
     <task>/metrics.csv, <task>/summary.json                           (PSNR, SSIM on uint8; LPIPS when available)
@@ -90,6 +93,13 @@ def run_task(
     return json.loads((out / "summary.json").read_text())
 
 
+def baseline_nfe(method: str) -> int:
+    """Network evaluations per image of a baseline with its default settings (0 for the classical one)."""
+    from diffpir.methods import METHODS
+
+    return int(getattr(METHODS[method](), "nfe", 0))
+
+
 def classical_available() -> bool:
     try:
         from diffpir.methods import METHODS  # noqa: PLC0415
@@ -172,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--images", type=int, default=5, help="how many bundled photos (default: all 5)")
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--no-baseline", action="store_true", help="skip the classical baselines")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the baselines")
+    ap.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["classical"],
+        help="methods to run beside DiffPIR on the same degraded images, with their own defaults (default: "
+        "classical; e.g. classical dpir_ffdnet dpir)",
+    )
     args = ap.parse_args(argv)
 
     from diffpir.cli.common import quiet_console
@@ -189,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = sample_folder(args.images)
-    methods = ["diffpir"] + ([] if args.no_baseline or not classical_available() else ["classical"])
+    from diffpir.methods import METHODS
+
+    unknown = [m for m in args.baselines if m not in METHODS or m == "diffpir"]
+    if unknown:
+        print(
+            f"error: unknown baseline(s) {unknown}; choose from {sorted(set(METHODS) - {'diffpir'})}", file=sys.stderr
+        )
+        return 2
+    baselines = [m for m in dict.fromkeys(args.baselines) if m != "classical" or classical_available()]
+    methods = ["diffpir"] + ([] if args.no_baseline else baselines)
     results: dict[tuple[str, str], dict] = {}
     start = time.perf_counter()
     try:
@@ -200,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[demo] {task}: {method} ...", flush=True)
                 steps = demo_steps(task, args.steps)
                 results[(task, method)] = run_task(task, sub, images, args.steps, method, args.prior)
-                results[(task, method)]["nfe"] = steps if method == "diffpir" else 0
+                results[(task, method)]["nfe"] = steps if method == "diffpir" else baseline_nfe(method)
                 mean = results[(task, method)].get("mean", {})
                 shown = ", ".join(f"{m} {mean[m]:.3f}" for m in METRICS if isinstance(mean.get(m), float))
                 print(f"[demo] {task}: {method} done in {time.perf_counter() - t0:.0f} s ({shown})", flush=True)
