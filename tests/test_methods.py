@@ -490,6 +490,9 @@ def test_cli_method_option(prior_file, tmp_path, monkeypatch):
     assert cli.model.method.lambda_ == 0.5
     cli = build_cli([*base, "--model.method", "DDNM", "--model.method.steps=7"], run=False)
     assert isinstance(cli.model.method, DDNM) and cli.model.method.eta == 0.85 and cli.model.method.nfe == 7
+    blind = ["--config", str(CONFIGS / "deblur_blind.yaml"), *base[2:], "--model.method", "DiffPIRMethod"]
+    settings = build_cli(blind, run=False).model.method.settings  # from BlindDiffPIR back to DiffPIR
+    assert (settings["zeta"], settings["t_start"], settings["steps"]) == (0.3, None, 20)  # the blind config: 1.0, 400
     with pytest.raises(SystemExit):  # jsonargparse rejects an unknown method
         build_cli([*base, "--model.method", "DDRM"], run=False)
     with pytest.raises(SystemExit):  # and a setting the method does not take

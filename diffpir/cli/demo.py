@@ -100,14 +100,6 @@ def baseline_nfe(method: str) -> int:
     return int(getattr(METHODS[method](), "nfe", 0))
 
 
-def classical_available() -> bool:
-    try:
-        from diffpir.methods import METHODS  # noqa: PLC0415
-    except ImportError:
-        return False
-    return "classical" in METHODS
-
-
 def sample_folder(n: int) -> Path:
     """A folder with the first ``n`` bundled sample photos (links where possible)."""
     from diffpir.datasets import sample_images
@@ -214,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: unknown baseline(s) {unknown}; choose from {sorted(set(METHODS) - {'diffpir'})}", file=sys.stderr
         )
         return 2
-    baselines = [m for m in dict.fromkeys(args.baselines) if m != "classical" or classical_available()]
-    methods = ["diffpir"] + ([] if args.no_baseline else baselines)
+    methods = ["diffpir"] + ([] if args.no_baseline else list(dict.fromkeys(args.baselines)))
     results: dict[tuple[str, str], dict] = {}
     start = time.perf_counter()
     try:

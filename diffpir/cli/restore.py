@@ -31,6 +31,7 @@ partial is left): one line, status 143; the same command resumes.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -111,23 +112,21 @@ def reset_switched_method(config: Any, argv: Sequence[str]) -> dict[str, tuple[A
     new_name = method.class_path.rsplit(".", 1)[-1]
     if old_name is None or old_name == new_name or method.get("init_args") is None:
         return {}
-    from diffpir.methods import METHODS
-
-    cls = next((c for c in METHODS.values() if c.__name__ == new_name), None)
-    params = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    module, _, name = method.class_path.rpartition(".")  # jsonargparse has resolved it to an import path
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
     given = _cli_method_keys(argv)
     changed: dict[str, tuple[Any, Any]] = {}
     init_args = method.init_args
     for key, value in old_args.items():
         if key in KEPT_ON_SWITCH or key in given or key not in init_args:
             continue
-        default = params[key].default if key in params else inspect.Parameter.empty
-        if default is inspect.Parameter.empty:
+        param = params.get(key)
+        if param is None:  # a class that takes it through **kwargs: without it, its own default applies
             del init_args[key]
             changed[key] = (value, None)
-        elif init_args[key] != default:
-            init_args[key] = default
-            changed[key] = (value, default)
+        elif param.default is not inspect.Parameter.empty and init_args[key] != param.default:
+            init_args[key] = param.default
+            changed[key] = (value, param.default)
     for key, (value, new) in changed.items():
         now = f"{new_name}'s default {new}" if new is not None else f"{new_name}'s default"
         log.info(
