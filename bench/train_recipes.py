@@ -19,6 +19,12 @@ same optimiser, warm-up and EMA as ``configs/train/digits.yaml``, through ``Diff
 - ``v_min_snr_quad``: all three;
 - ``min_snr_wsd``: Min-SNR with the LR decayed linearly to 0 over the last 20 % of the steps (``cooldown_steps``;
   warm-up, stable, decay: Hägele et al. 2024).
+- ``edm``: EDM's training (Karras et al. 2022) mapped onto this DDPM schedule: its preconditioning with
+  ``sigma_data = 1``, which on the variance-preserving process is exactly v-prediction with an unweighted loss on
+  the net's output (docs/training.md), and its log-normal noise levels, ``ln sigma ~ N(-1.2, 1.2^2)``
+  (``timestep_sampling="lognormal"``, ``timestep_mix=1``);
+- ``edm_mix``: the same with half the timesteps uniform (``timestep_mix=0.5``), for the high-noise steps that
+  sampling from pure noise needs.
 
 The held-out digits (``data/digits/val``, never trained on, 50 per class) are split in two halves with every class
 in each (:func:`held_out_halves`): "validation" is kept for choosing settings, "evaluation" gives every number in
@@ -78,6 +84,8 @@ RECIPES: dict[str, dict] = {
     "v_min_snr_quad": {"prediction": "v", "loss_weighting": "min_snr", "timestep_sampling": "quad"},
     # Min-SNR with a warm-up-stable-decay LR: linear decay to 0 over the last 20 % of the steps (cooldown_steps).
     "min_snr_wsd": {"loss_weighting": "min_snr", "cooldown_fraction": 0.2},
+    "edm": {"prediction": "v", "timestep_sampling": "lognormal", "timestep_mix": 1.0},
+    "edm_mix": {"prediction": "v", "timestep_sampling": "lognormal", "timestep_mix": 0.5},
 }
 SIGMAS = (15, 25, 50)
 

@@ -75,7 +75,7 @@ def _load_bench(name: str):
 
 
 def test_train_recipes_bench_runs_end_to_end(tmp_path):
-    """Three recipes, two steps each, on 20 synthetic labelled 'digits': every figure is there and finite."""
+    """Four recipes, two steps each, on 20 synthetic labelled 'digits': every figure is there and finite."""
     bench = _load_bench("train_recipes")
     rng = np.random.default_rng(0)
     for split, n in (("train", 20), ("val", 20)):  # two held-out digits per class: one per half
@@ -86,12 +86,13 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
             Image.fromarray(img).save(tmp_path / "digits" / split / f"{i:05d}_{i % 10}.png")
     out = tmp_path / "res"
     data = str(tmp_path / "digits")
-    args = ["--recipes", "ddpm", "v_min_snr_quad", "min_snr_wsd", "--preset", "tiny", "--steps", "2", "--batch", "4"]
+    recipes = ["ddpm", "v_min_snr_quad", "min_snr_wsd", "edm"]
+    args = ["--recipes", *recipes, "--preset", "tiny", "--steps", "2", "--batch", "4"]
     bench.main([*args, "--samples", "4", "--restore-count", "2", "--threads", "1", "--data", data, "--out", str(out)])
     import json
 
     res = json.loads(out.with_suffix(".json").read_text())
-    assert list(res["recipes"]) == ["ddpm", "v_min_snr_quad", "min_snr_wsd"]
+    assert list(res["recipes"]) == recipes
     for r in res["recipes"].values():
         for key in ("denoise_sigma15", "denoise_sigma25", "denoise_sigma50", "inpaint_box", "deblur"):
             assert np.isfinite(r[key][0]) and r[key][0] > 0

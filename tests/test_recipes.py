@@ -16,7 +16,7 @@ from diffpir.prior import Prior
 from diffpir.priorfile import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import DiffusionModule
-from diffpir.training.module import loss_weights, sample_timesteps
+from diffpir.training.module import loss_weights, nearest_timestep, sample_timesteps
 
 
 class OracleNet(nn.Module):
@@ -94,6 +94,41 @@ def test_quad_timesteps_follow_the_restoration_density():
     assert share == pytest.approx([0.25, 0.5, 0.375], abs=0.006)
     # Uniform sampling draws what the DDPM recipe always drew (old runs resume on the same stream).
     assert torch.equal(uniform, torch.randint(0, T, (n,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_lognormal_timesteps_follow_edm_noise_levels():
+    """``"lognormal"``: ln sigma ~ N(-1.2, 1.2^2) (EDM), sigma_t = sqrt((1 - ab_t) / ab_t), nearest timestep. So
+    P(t <= k) = Phi((m_k + 1.2) / 1.2) with m_k the midpoint of ln sigma_k and ln sigma_{k+1}: checked at several k
+    against the exact normal CDF (binomial sd < 0.0012)."""
+    T, n = 1000, 200_000
+    ab = NoiseSchedule.linear().alphas_cumprod
+    log_sigma = 0.5 * (torch.log1p(-ab) - torch.log(ab))
+    # nearest_timestep against a brute-force nearest neighbour, beyond the ends too
+    probe = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
+    brute = (probe[:, None] - log_sigma[None, :]).abs().argmin(dim=1)
+    assert torch.equal(nearest_timestep(ab, probe), brute)
+    t = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=1.0, alphas_cumprod=ab)
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    normal = torch.distributions.Normal(torch.tensor(-1.2, dtype=torch.float64), 1.2)
+    for k in (5, 40, 88, 200, 485):
+        m = 0.5 * (log_sigma[k] + log_sigma[k + 1])
+        assert float((t <= k).double().mean()) == pytest.approx(float(normal.cdf(m)), abs=0.006), k
+    # the mix: half uniform; the other half as above
+    mixed = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=0.5, alphas_cumprod=ab)
+    m88 = float(normal.cdf(0.5 * (log_sigma[88] + log_sigma[89])))
+    assert float((mixed <= 88).double().mean()) == pytest.approx(0.5 * m88 + 0.5 * 89 / T, abs=0.006)
+    # the module draws its training timesteps so, from its own schedule
+    module = DiffusionModule(build_unet("tiny"), ema_decay=None, timestep_sampling="lognormal", timestep_mix=1.0)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = module.model_step(x, torch.Generator().manual_seed(1))
+    expected = sample_timesteps(4, T, torch.Generator().manual_seed(1), "lognormal", mix=1.0, alphas_cumprod=ab)
+    assert torch.equal(out["t"], expected)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        sample_timesteps(4, T, torch.Generator(), "lognormal")
+    with pytest.raises(ValueError, match="lognormal"):
+        sample_timesteps(4, T, torch.Generator(), "cosine")
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        DiffusionModule(build_unet("tiny"), timestep_sampling="cosine")
 
 
 def test_v_training_loss_is_zero_for_the_oracle_and_validation_reports_eps_mse():

@@ -56,30 +56,61 @@ def _preset_of(config: dict[str, Any] | None) -> str | None:
 
 Prediction = Literal["eps", "v"]
 LossWeighting = Literal["none", "min_snr"]
-TimestepSampling = Literal["uniform", "quad"]
+TimestepSampling = Literal["uniform", "quad", "lognormal"]
+TIMESTEP_SAMPLINGS = ("uniform", "quad", "lognormal")
+# EDM's training distribution of the noise level (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2).
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 
 
 def sample_timesteps(
-    n: int, T: int, generator: torch.Generator, kind: TimestepSampling = "uniform", mix: float = 0.5
+    n: int,
+    T: int,
+    generator: torch.Generator,
+    kind: TimestepSampling = "uniform",
+    mix: float = 0.5,
+    alphas_cumprod: Tensor | None = None,
 ) -> Tensor:
     """Training timesteps ``t`` [N] (int64, on the generator's device).
 
-    ``"uniform"``: ``t ~ U{0, ..., T-1}`` (DDPM). ``"quad"``: with probability ``mix``, ``t = floor(T u^2)``
-    (``u ~ U[0, 1)``: density proportional to ``1 / sqrt(t)``, the density of DiffPIR's ``skip="quad"`` step
-    sequence, which spends most restoration steps at low noise), else uniform; the uniform share keeps the
-    high-noise steps that sampling from pure noise needs. Both draws are always made (one generator stream
-    whatever ``mix`` is).
+    ``"uniform"``: ``t ~ U{0, ..., T-1}`` (DDPM). With probability ``mix`` a draw from another density instead,
+    else uniform (the uniform share keeps the high-noise steps that sampling from pure noise needs; ``mix = 1``
+    uses the other density alone):
+
+    - ``"quad"``: ``t = floor(T u^2)`` (``u ~ U[0, 1)``: density proportional to ``1 / sqrt(t)``, the density of
+      DiffPIR's ``skip="quad"`` step sequence, which spends most restoration steps at low noise);
+    - ``"lognormal"``: EDM's noise levels (Karras et al. 2022): ``ln sigma ~ N(-1.2, 1.2^2)`` on the scale of
+      ``x_t / sqrt(ab_t) = x0 + sigma_t eps``, i.e. ``sigma_t = sqrt((1 - ab_t) / ab_t)``, taken to the timestep
+      whose ``ln sigma_t`` is nearest (levels beyond the schedule's ends go to ``t = 0`` or ``T - 1``). Needs
+      ``alphas_cumprod`` ``[T]``. About 95 % of the draws fall in ``sigma`` 0.03-3.2 (for the linear schedule,
+      ``t`` 5-485).
+
+    All draws are always made (one generator stream whatever ``mix`` is).
     """
     dev = generator.device
     uniform = torch.randint(0, T, (n,), generator=generator, device=dev)
     if kind == "uniform":
         return uniform
-    if kind != "quad":
-        raise ValueError(f"timestep_sampling must be 'uniform' or 'quad', got {kind!r}")
-    u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    if kind == "quad":
+        u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+        other = (T * u * u).long().clamp_(0, T - 1)
+    elif kind == "lognormal":
+        if alphas_cumprod is None or alphas_cumprod.shape != (T,):
+            raise ValueError("timestep_sampling='lognormal' needs the schedule's alphas_cumprod [T]")
+        z = torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
+        other = nearest_timestep(alphas_cumprod.to(dev), LOGNORMAL_MEAN + LOGNORMAL_STD * z)
+    else:
+        raise ValueError(f"timestep_sampling must be one of {', '.join(map(repr, TIMESTEP_SAMPLINGS))}, got {kind!r}")
     pick = torch.rand(n, generator=generator, device=dev) < mix
-    quad = (T * u * u).long().clamp_(0, T - 1)
-    return torch.where(pick, quad, uniform)
+    return torch.where(pick, other, uniform)
+
+
+def nearest_timestep(alphas_cumprod: Tensor, log_sigma: Tensor) -> Tensor:
+    """The timesteps ``[N]`` (int64) whose ``ln sigma_t = ln sqrt((1 - ab_t) / ab_t)`` (increasing in ``t``) is
+    nearest to each of ``log_sigma`` ``[N]``; below the first / above the last level: ``0`` / ``T - 1``."""
+    ab = alphas_cumprod.to(torch.float64)
+    grid = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # [T], increasing
+    mids = 0.5 * (grid[1:] + grid[:-1])  # the boundaries between neighbouring timesteps
+    return torch.searchsorted(mids, log_sigma.to(torch.float64).contiguous())
 
 
 def loss_weights(snr: Tensor, prediction: Prediction, weighting: LossWeighting, gamma: float) -> Tensor:
@@ -148,8 +179,9 @@ class DiffusionModule(LightningModule):
             an eps-model to every sampler.
         loss_weighting: ``"none"`` (the simple loss) or ``"min_snr"`` (Min-SNR-gamma, Hang et al. 2023).
         min_snr_gamma: gamma of ``"min_snr"``.
-        timestep_sampling: ``"uniform"`` or ``"quad"`` (see :func:`sample_timesteps`).
-        timestep_mix: share of ``"quad"`` draws in ``"quad"`` sampling.
+        timestep_sampling: ``"uniform"``, ``"quad"`` or ``"lognormal"`` (EDM's noise levels; see
+            :func:`sample_timesteps`).
+        timestep_mix: share of the ``"quad"`` / ``"lognormal"`` draws (the rest uniform).
 
     The validation loss is always the eps-MSE (whatever the recipe), so runs of different recipes compare.
     """
@@ -184,8 +216,9 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         if loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
-        if timestep_sampling not in ("uniform", "quad"):
-            raise ValueError(f"timestep_sampling must be 'uniform' or 'quad', got {timestep_sampling!r}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            known = ", ".join(map(repr, TIMESTEP_SAMPLINGS))
+            raise ValueError(f"timestep_sampling must be one of {known}, got {timestep_sampling!r}")
         if warmup_steps < 0 or cooldown_steps < 0:
             raise ValueError(f"warmup_steps and cooldown_steps must be >= 0, got {warmup_steps}, {cooldown_steps}")
         if not 0.0 <= timestep_mix <= 1.0 or min_snr_gamma <= 0:
@@ -277,7 +310,8 @@ class DiffusionModule(LightningModule):
             lo, hi = b * T // stratify, (b + 1) * T // stratify
             t = lo + (torch.rand(n, generator=generator, device=dev) * (hi - lo)).long().clamp_max(hi - lo - 1)
         elif self.training:
-            t = sample_timesteps(n, T, generator, hp.get("timestep_sampling", "uniform"), hp.get("timestep_mix", 0.5))
+            kind, mix = hp.get("timestep_sampling", "uniform"), hp.get("timestep_mix", 0.5)
+            t = sample_timesteps(n, T, generator, kind, mix, self.schedule.alphas_cumprod)
         else:
             t = torch.randint(0, T, (n,), generator=generator, device=dev)
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
@@ -502,5 +536,6 @@ __all__ = [
     "lr_factor",
     "loss_bucket_names",
     "loss_weights",
+    "nearest_timestep",
     "sample_timesteps",
 ]
