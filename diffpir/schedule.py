@@ -137,10 +137,13 @@ class NoiseSchedule(nn.Module):
         )
 
     def timestep_for_sigma(self, sigma: float | Tensor) -> Tensor:
-        """The timestep(s) whose ``sigma_bar`` (on the [-1, 1] scale) is nearest to ``sigma``."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        """The timestep(s) whose ``sigma_bar`` (on the [-1, 1] scale) is nearest to ``sigma`` (on the CPU, ``sigma``'s
+        shape; an exact tie goes to the lower timestep). ``sigma_bar`` increases with ``t``, so this is a binary
+        search among the midpoints of neighbouring levels."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
         table = torch.as_tensor(self._host["sigma_bar"])
-        return (table[None, :] - sigma.reshape(-1, 1).cpu()).abs().argmin(dim=1).reshape(sigma.shape)
+        mids = 0.5 * (table[1:] + table[:-1])
+        return torch.searchsorted(mids, sigma.reshape(-1).contiguous()).reshape(sigma.shape)
 
     # -- step sequences -----------------------------------------------------------------------------------
     def timesteps(self, steps: int, skip: Skip = "quad", t_start: int | None = None) -> list[int]:

@@ -16,7 +16,7 @@ from diffpir.prior import Prior
 from diffpir.priorfile import export_prior, load_prior
 from diffpir.schedule import NoiseSchedule
 from diffpir.training import DiffusionModule
-from diffpir.training.module import loss_weights, nearest_timestep, sample_timesteps
+from diffpir.training.module import loss_weights, sample_timesteps
 
 
 class OracleNet(nn.Module):
@@ -97,33 +97,31 @@ def test_quad_timesteps_follow_the_restoration_density():
 
 
 def test_lognormal_timesteps_follow_edm_noise_levels():
-    """``"lognormal"``: ln sigma ~ N(-1.2, 1.2^2) (EDM), sigma_t = sqrt((1 - ab_t) / ab_t), nearest timestep. So
-    P(t <= k) = Phi((m_k + 1.2) / 1.2) with m_k the midpoint of ln sigma_k and ln sigma_{k+1}: checked at several k
-    against the exact normal CDF (binomial sd < 0.0012)."""
+    """``"lognormal"``: ln sigma ~ N(-1.2, 1.2^2) (EDM) on the scale of sigma_bar_t = sqrt((1 - ab_t) / ab_t), the
+    nearest timestep. So P(t <= k) = Phi((ln m_k + 1.2) / 1.2) with m_k the midpoint of sigma_bar_k and
+    sigma_bar_{k+1}: checked at several k against the exact normal CDF (binomial sd < 0.0012)."""
     T, n = 1000, 200_000
-    ab = NoiseSchedule.linear().alphas_cumprod
-    log_sigma = 0.5 * (torch.log1p(-ab) - torch.log(ab))
-    # nearest_timestep against a brute-force nearest neighbour, beyond the ends too
-    probe = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
-    brute = (probe[:, None] - log_sigma[None, :]).abs().argmin(dim=1)
-    assert torch.equal(nearest_timestep(ab, probe), brute)
-    t = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=1.0, alphas_cumprod=ab)
+    sched = NoiseSchedule.linear()
+    sb = sched.sigma_bar
+    t = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=1.0, schedule=sched)
     assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= T - 1
     normal = torch.distributions.Normal(torch.tensor(-1.2, dtype=torch.float64), 1.2)
+
+    def below(k: int) -> float:  # P(t <= k)
+        return float(normal.cdf(torch.log(0.5 * (sb[k] + sb[k + 1]))))
+
     for k in (5, 40, 88, 200, 485):
-        m = 0.5 * (log_sigma[k] + log_sigma[k + 1])
-        assert float((t <= k).double().mean()) == pytest.approx(float(normal.cdf(m)), abs=0.006), k
+        assert float((t <= k).double().mean()) == pytest.approx(below(k), abs=0.006), k
     # the mix: half uniform; the other half as above
-    mixed = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=0.5, alphas_cumprod=ab)
-    m88 = float(normal.cdf(0.5 * (log_sigma[88] + log_sigma[89])))
-    assert float((mixed <= 88).double().mean()) == pytest.approx(0.5 * m88 + 0.5 * 89 / T, abs=0.006)
+    mixed = sample_timesteps(n, T, torch.Generator().manual_seed(0), "lognormal", mix=0.5, schedule=sched)
+    assert float((mixed <= 88).double().mean()) == pytest.approx(0.5 * below(88) + 0.5 * 89 / T, abs=0.006)
     # the module draws its training timesteps so, from its own schedule
     module = DiffusionModule(build_unet("tiny"), ema_decay=None, timestep_sampling="lognormal", timestep_mix=1.0)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     out = module.model_step(x, torch.Generator().manual_seed(1))
-    expected = sample_timesteps(4, T, torch.Generator().manual_seed(1), "lognormal", mix=1.0, alphas_cumprod=ab)
+    expected = sample_timesteps(4, T, torch.Generator().manual_seed(1), "lognormal", mix=1.0, schedule=sched)
     assert torch.equal(out["t"], expected)
-    with pytest.raises(ValueError, match="alphas_cumprod"):
+    with pytest.raises(ValueError, match="needs the schedule"):
         sample_timesteps(4, T, torch.Generator(), "lognormal")
     with pytest.raises(ValueError, match="lognormal"):
         sample_timesteps(4, T, torch.Generator(), "cosine")

@@ -79,6 +79,11 @@ def test_timestep_for_sigma(sched):
     t = sched.timestep_for_sigma(torch.tensor([2 * 25 / 255, 1000.0])).tolist()
     assert abs(sb[t[0]].item() - 2 * 25 / 255) < (sb[t[0] + 1] - sb[t[0] - 1]).item()
     assert t[1] == 999
+    # the nearest level, against a brute-force search, below, between and beyond the table (any shape)
+    probe = torch.exp(torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)).reshape(1, 4001)
+    brute = (probe.reshape(-1, 1) - sb.double()[None, :]).abs().argmin(dim=1).reshape(1, 4001)
+    assert torch.equal(sched.timestep_for_sigma(probe), brute)
+    assert sched.timestep_for_sigma(0.0).shape == () and int(sched.timestep_for_sigma(0.0)) == 0
 
 
 def test_respaced_steps_walk_guided_diffusions_respaced_chain(sched):

@@ -68,7 +68,7 @@ def sample_timesteps(
     generator: torch.Generator,
     kind: TimestepSampling = "uniform",
     mix: float = 0.5,
-    alphas_cumprod: Tensor | None = None,
+    schedule: NoiseSchedule | None = None,
 ) -> Tensor:
     """Training timesteps ``t`` [N] (int64, on the generator's device).
 
@@ -79,10 +79,10 @@ def sample_timesteps(
     - ``"quad"``: ``t = floor(T u^2)`` (``u ~ U[0, 1)``: density proportional to ``1 / sqrt(t)``, the density of
       DiffPIR's ``skip="quad"`` step sequence, which spends most restoration steps at low noise);
     - ``"lognormal"``: EDM's noise levels (Karras et al. 2022): ``ln sigma ~ N(-1.2, 1.2^2)`` on the scale of
-      ``x_t / sqrt(ab_t) = x0 + sigma_t eps``, i.e. ``sigma_t = sqrt((1 - ab_t) / ab_t)``, taken to the timestep
-      whose ``ln sigma_t`` is nearest (levels beyond the schedule's ends go to ``t = 0`` or ``T - 1``). Needs
-      ``alphas_cumprod`` ``[T]``. About 95 % of the draws fall in ``sigma`` 0.03-3.2 (for the linear schedule,
-      ``t`` 5-485).
+      ``x_t / sqrt(ab_t) = x0 + sigma_t eps``, i.e. the schedule's ``sigma_bar_t = sqrt((1 - ab_t) / ab_t)``,
+      taken to the timestep whose ``sigma_bar`` is nearest (:meth:`~diffpir.schedule.NoiseSchedule.
+      timestep_for_sigma`; levels beyond the schedule's ends go to ``t = 0`` or ``T - 1``). Needs the
+      ``schedule``. About 95 % of the draws fall in ``sigma`` 0.03-3.2 (for the linear schedule, ``t`` 5-484).
 
     All draws are always made (one generator stream whatever ``mix`` is).
     """
@@ -94,23 +94,14 @@ def sample_timesteps(
         u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
         other = (T * u * u).long().clamp_(0, T - 1)
     elif kind == "lognormal":
-        if alphas_cumprod is None or alphas_cumprod.shape != (T,):
-            raise ValueError("timestep_sampling='lognormal' needs the schedule's alphas_cumprod [T]")
+        if schedule is None or schedule.T != T:
+            raise ValueError(f"timestep_sampling='lognormal' needs the schedule (of {T} steps)")
         z = torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
-        other = nearest_timestep(alphas_cumprod.to(dev), LOGNORMAL_MEAN + LOGNORMAL_STD * z)
+        other = schedule.timestep_for_sigma(torch.exp(LOGNORMAL_MEAN + LOGNORMAL_STD * z)).to(dev)
     else:
         raise ValueError(f"timestep_sampling must be one of {', '.join(map(repr, TIMESTEP_SAMPLINGS))}, got {kind!r}")
     pick = torch.rand(n, generator=generator, device=dev) < mix
     return torch.where(pick, other, uniform)
-
-
-def nearest_timestep(alphas_cumprod: Tensor, log_sigma: Tensor) -> Tensor:
-    """The timesteps ``[N]`` (int64) whose ``ln sigma_t = ln sqrt((1 - ab_t) / ab_t)`` (increasing in ``t``) is
-    nearest to each of ``log_sigma`` ``[N]``; below the first / above the last level: ``0`` / ``T - 1``."""
-    ab = alphas_cumprod.to(torch.float64)
-    grid = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # [T], increasing
-    mids = 0.5 * (grid[1:] + grid[:-1])  # the boundaries between neighbouring timesteps
-    return torch.searchsorted(mids, log_sigma.to(torch.float64).contiguous())
 
 
 def loss_weights(snr: Tensor, prediction: Prediction, weighting: LossWeighting, gamma: float) -> Tensor:
@@ -311,7 +302,7 @@ class DiffusionModule(LightningModule):
             t = lo + (torch.rand(n, generator=generator, device=dev) * (hi - lo)).long().clamp_max(hi - lo - 1)
         elif self.training:
             kind, mix = hp.get("timestep_sampling", "uniform"), hp.get("timestep_mix", 0.5)
-            t = sample_timesteps(n, T, generator, kind, mix, self.schedule.alphas_cumprod)
+            t = sample_timesteps(n, T, generator, kind, mix, self.schedule)
         else:
             t = torch.randint(0, T, (n,), generator=generator, device=dev)
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
@@ -536,6 +527,5 @@ __all__ = [
     "lr_factor",
     "loss_bucket_names",
     "loss_weights",
-    "nearest_timestep",
     "sample_timesteps",
 ]
