@@ -28,7 +28,9 @@ same optimiser, warm-up and EMA as ``configs/train/digits.yaml``, through ``Diff
 
 The held-out digits (``data/digits/val``, never trained on, 50 per class) are split in two halves with every class
 in each (:func:`held_out_halves`): "validation" is kept for choosing settings, "evaluation" gives every number in
-the table (its order is shuffled once, seeded, so the first ``--restore-count`` digits mix all classes too):
+the table (its order is shuffled once, seeded, so the first ``--restore-count`` digits mix all classes too).
+``--split val`` scores on the validation half instead, with another draw of samples (seed 1 instead of 0): that is
+the run to choose a prior or a setting by, so that the evaluation figures stay unseen:
 
 1. one-step denoising PSNR at sigma 15/25/50 (0-255 scale) with the EMA weights (``Prior.denoise``);
 2. sample quality: 256 DDIM samples (50 steps, eta 0) judged by a small CNN classifier that this script trains on the
@@ -101,6 +103,12 @@ def load_split(folder: Path) -> tuple[Tensor, Tensor]:
     images = torch.stack([read_image(f, 1, decoder="pillow") for f in files])
     labels = torch.tensor([int(f.stem.rsplit("_", 1)[1]) for f in files])
     return images, labels
+
+
+# The held-out half scored, and the seed of the judged samples for it: the validation run draws other samples, so
+# choosing a prior on it does not pick the evaluation draw.
+SAMPLE_SEEDS = {"eval": 0, "val": 1}
+SPLIT_NAMES = {"eval": "evaluation", "val": "validation"}
 
 
 def held_out_halves(images: Tensor, labels: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -307,7 +315,10 @@ def evaluate(prior, judge: DigitNet, typ: Typicality, real: Tensor, args: argpar
         den = (prior.denoise(noisy * 2 - 1, 2 * sigma / 255) + 1) / 2
         out[f"denoise_sigma{sigma}"] = mean_se(psnr(den, real))
     # 2. Samples judged by the classifier.
-    samples = ddim_sample(prior, prior.schedule, (args.samples, 1, 32, 32), 50, 0.0, torch.Generator().manual_seed(0))
+    sample_seed = SAMPLE_SEEDS[args.split]
+    samples = ddim_sample(
+        prior, prior.schedule, (args.samples, 1, 32, 32), 50, 0.0, torch.Generator().manual_seed(sample_seed)
+    )
     prob = judge(samples).softmax(1)
     conf, cls = prob.max(1)
     ok = (conf >= 0.9) & (cls != JUNK)
@@ -374,8 +385,10 @@ def table(results: dict, base: dict, info: dict) -> str:
         else f"Recipes at equal compute: {info['steps']} steps x batch {info['batch']}, `{info['preset']}` UNet, on "
         "`digits` (same net, init, data order)"
     )
+    split = SPLIT_NAMES[info.get("split", "eval")]
     lines = [
-        f"{what}; evaluated on {info['eval_count']} held-out digits ({info['restore_count']} restored; box inpainting "
+        f"{what}; evaluated on {info['eval_count']} held-out digits of the {split} half, samples drawn with seed "
+        f"{info.get('sample_seed', 0)} ({info['restore_count']} restored; box inpainting "
         f"at {info.get('box_steps', 20)} NFEs). Classifier held-out accuracy {100 * info['judge_accuracy']:.1f} %, "
         f"{100 * info['judge_confident_real']:.1f} % of real held-out digits recognised with confidence >= 0.9, "
         f"{100 * info.get('judge_typical_real', float('nan')):.1f} % recognised and typical (within the feature "
@@ -401,7 +414,7 @@ def table(results: dict, base: dict, info: dict) -> str:
         "",
         f"Inputs: box {fmt(base['inpaint_box_input'])} dB (harmonic fill {fmt(base['inpaint_box_harmonic'])}); "
         f"deblurring {fmt(base['deblur_input'])} dB (Wiener {fmt(base['deblur_wiener'])}). PSNR in dB, mean +- "
-        "standard error over the evaluation digits; gains are paired per image.",
+        f"standard error over the {split} digits; gains are paired per image.",
     ]
     return "\n".join(lines)
 
@@ -478,6 +491,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", action="store_true", help="also docs/figures/train_recipes.png (samples per recipe)")
     ap.add_argument("--priors", nargs="+", help="score these trained priors (names or files) instead of training")
     ap.add_argument("--box-steps", type=int, default=20, help="DiffPIR NFEs for box inpainting")
+    ap.add_argument(
+        "--split",
+        choices=("eval", "val"),
+        default="eval",
+        help="held-out half to score on: eval (the table's figures) or val (for choosing: the other half of the "
+        "held-out digits and another draw of samples)",
+    )
     ap.add_argument("--throughput", action="store_true", help="measure CPU training throughput variants instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--throughput-steps", type=int, default=6)
@@ -513,7 +533,11 @@ def main(argv: list[str] | None = None) -> None:
         f"classifier: {100 * accuracy:.1f} % held-out accuracy, {100 * confident_real:.1f} % of real digits >= 0.9, "
         f"{100 * typical_real:.1f} % also typical; {100 * junk_caught:.1f} % of fresh junk fields called junk"
     )
-    base = baselines(eval_x[: args.restore_count])
+    # the half scored: eval for the figures, val for choosing among priors or settings
+    scored = (
+        val_x[torch.randperm(len(val_x), generator=torch.Generator().manual_seed(0))] if args.split == "val" else eval_x
+    )
+    base = baselines(scored[: args.restore_count])
     results: dict[str, dict] = {}
     grids = {}
     for name in args.priors or args.recipes:
@@ -524,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             module, timing = train_recipe(name, initial_weights(args.preset), args)
             prior = module.eval_prior.eval()
-        res = evaluate(prior, judge, typ, eval_x, args)
+        res = evaluate(prior, judge, typ, scored, args)
         grids[name] = res.pop("_samples")
         res.update(timing)
         results[name] = res
@@ -540,8 +564,10 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "preset": args.preset,
         "threads": args.threads,
-        "eval_count": len(eval_x),
-        "restore_count": min(args.restore_count, len(eval_x)),
+        "split": args.split,
+        "sample_seed": SAMPLE_SEEDS[args.split],
+        "eval_count": len(scored),
+        "restore_count": min(args.restore_count, len(scored)),
         "judge_accuracy": accuracy,
         "judge_confident_real": confident_real,
         "judge_typical_real": typical_real,

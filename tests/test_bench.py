@@ -111,6 +111,15 @@ def test_train_recipes_bench_runs_end_to_end(tmp_path):
     assert np.isfinite(res["recipes"][str(prior)]["inpaint_box"][0])
     assert out.with_suffix(".md").read_text().startswith("Trained priors scored alike")
 
+    # --split val: the validation half and another draw of samples; the same prior, other figures.
+    val_out = tmp_path / "res_val"
+    bench.main(["--priors", str(prior), "--box-steps", "3", "--samples", "4", "--restore-count", "2",
+                "--threads", "1", "--data", data, "--out", str(val_out), "--split", "val"])  # fmt: skip
+    val = json.loads(val_out.with_suffix(".json").read_text())
+    assert (val["info"]["split"], val["info"]["sample_seed"]) == ("val", 1) and res["info"]["sample_seed"] == 0
+    assert val["baselines"] != res["baselines"], "the validation half restored the same digits as the evaluation half"
+    assert "of the validation half" in val_out.with_suffix(".md").read_text()
+
 
 def test_typicality_rejects_features_far_from_their_class():
     """Two Gaussian clusters of features: fresh draws from a cluster pass at about the calibration quantile; a point

@@ -545,8 +545,8 @@ def test_bench_script_smoke(prior_file, tmp_path):
     res = json.loads((out / "blind_deblur.json").read_text())
     assert res["meta"]["images"] == 3 and set(res["rows"]) == set(bench.ROWS)
     assert len(res["goals"]) == 3 and (out / "blind_deblur.md").is_file()
-    # the config's 5 passes, the last one the mean of 4 samples; the non-blind row takes the same 4 samples
-    assert (res["meta"]["nfe"], res["meta"]["nfe_nonblind"]) == ((4 + 4) * 2, 4 * 2)
+    # the config's 5 passes, the last one the mean of 8 samples; the non-blind row takes the same 8 samples
+    assert (res["meta"]["nfe"], res["meta"]["nfe_nonblind"]) == ((4 + 8) * 2, 8 * 2)
     from diffpir.metrics import psnr
 
     crops = dict(bench.crops("eval", tmp_path / "data", 40, 1))
@@ -558,3 +558,31 @@ def test_bench_script_smoke(prior_file, tmp_path):
         y = degrade(spec, x, synthesize_params(spec, row["key"], 40, 40, 0), image_generator(0, row["key"], "noise"))
         a, b, _ = align_images(y[None].clamp(0, 1), x[None], 4)
         assert abs(row["blurred"]["psnr"] - float(psnr(a, b)[0])) < 1e-9
+
+
+def test_the_python_example_in_the_docs_uses_the_configs_settings():
+    """docs/restoration.md builds BlindDiffPIR "with the config's settings": every setting the config changes from
+    the class default is passed, with the config's value (the defaults are one plain pass)."""
+    import ast
+    import inspect
+
+    import yaml
+
+    text = (ROOT / "docs" / "restoration.md").read_text()
+    start = text.index("method = BlindDiffPIR(")
+    call = ast.parse(text[start : text.index(")", start) + 1]).body[0].value
+    example = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    config = yaml.safe_load((ROOT / "configs" / "restore" / "deblur_blind.yaml").read_text())
+    args = config["model"]["method"]["init_args"]
+    defaults = {
+        **BlindDiffPIR().config(),
+        **{
+            name: p.default
+            for name, p in inspect.signature(BlindDiffPIR).parameters.items()
+            if p.default is not p.empty
+        },
+    }
+    changed = {k: v for k, v in args.items() if v != defaults.get(k, object())}
+    assert changed, "the config changes no default: the comparison would be empty"
+    assert {k: example.get(k) for k in changed} == changed
+    assert all(args.get(k, defaults.get(k)) == v for k, v in example.items()), example

@@ -17,7 +17,7 @@ from diffpir.methods.base import Method, eps_denoiser, prior_denoiser
 from diffpir.methods.blind import BlindDiffPIR, BlindResult, estimate_kernel, kernel_ncc
 from diffpir.methods.classical import Classical, gaussian_smooth, harmonic_fill, wiener_deconvolve
 from diffpir.methods.ddnm import DDNM
-from diffpir.methods.diffpir_method import DiffPIRMethod
+from diffpir.methods.diffpir_method import DiffPIRMethod, classical_start
 from diffpir.methods.dpir import DPIR, DPIRFFDNet, hqs_schedule
 from diffpir.methods.dps import DPS, respaced_timesteps
 from diffpir.methods.ffdnet import FFDNet, ffdnet_available, ffdnet_weights_path, load_ffdnet
@@ -36,6 +36,7 @@ __all__ = [
     "FFDNet",
     "Method",
     "build_method",
+    "classical_start",
     "eps_denoiser",
     "estimate_kernel",
     "ffdnet_available",
