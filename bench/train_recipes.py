@@ -389,7 +389,8 @@ def table(results: dict, base: dict, info: dict) -> str:
     lines = [
         f"{what}; evaluated on {info['eval_count']} held-out digits of the {split} half, samples drawn with seed "
         f"{info.get('sample_seed', 0)} ({info['restore_count']} restored; box inpainting "
-        f"at {info.get('box_steps', 20)} NFEs). Classifier held-out accuracy {100 * info['judge_accuracy']:.1f} %, "
+        f"at {info.get('box_steps', 20)} NFEs). Classifier, on the evaluation half whatever the split: held-out "
+        f"accuracy {100 * info['judge_accuracy']:.1f} %, "
         f"{100 * info['judge_confident_real']:.1f} % of real held-out digits recognised with confidence >= 0.9, "
         f"{100 * info.get('judge_typical_real', float('nan')):.1f} % recognised and typical (within the feature "
         "radius of their class that holds 99 % of the validation digits); "
@@ -487,7 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=256, help="DDIM samples judged per recipe")
     ap.add_argument("--restore-count", type=int, default=128, help="evaluation digits restored per task")
     ap.add_argument("--data", type=Path, default=Path("data/digits"))
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_recipes")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results path without suffix (default bench/results/train_recipes[_val])"
+    )
     ap.add_argument("--plot", action="store_true", help="also docs/figures/train_recipes.png (samples per recipe)")
     ap.add_argument("--priors", nargs="+", help="score these trained priors (names or files) instead of training")
     ap.add_argument("--box-steps", type=int, default=20, help="DiffPIR NFEs for box inpainting")
@@ -505,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.out is None:  # a validation run never overwrites the evaluation results
+        args.out = ROOT / "bench" / "results" / ("train_recipes_val" if args.split == "val" else "train_recipes")
 
     if args.throughput:
         res = throughput(args)
@@ -589,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         from torchvision.utils import make_grid, save_image
 
         rows = [make_grid(g, nrow=16, padding=1, pad_value=1.0) for g in grids.values()]
-        save_image(torch.cat([r[:, :, :] for r in rows], 1), ROOT / "docs" / "figures" / "train_recipes.png")
+        figure = ROOT / "docs" / "figures" / f"train_recipes{'_val' if args.split == 'val' else ''}.png"
+        save_image(torch.cat([r[:, :, :] for r in rows], 1), figure)
     print(f"wrote {args.out.with_suffix('.json')} and .md")
 
 

@@ -7,7 +7,7 @@
 #    forward of the ffhq_10m-size UNet at 256 px; training img/s) to $OUT/gpu_timings.json (TIMINGS=0 skips them).
 # MINUTES 6 + about 2 minutes of timings fit one 10-minute command of the `device` tool with start-up to spare.
 # Run of 2026-12-01 (one H200, 566 s): bench/results/gpu/2026-12-01_h200/. The timings are measured now, so a later
-# lease can skip them and train longer from the bundled weights (which that run produced): TIMINGS=0 MINUTES=8.
+# lease can skip them and train longer from the bundled weights (that run's, fine-tuned on the CPU since): TIMINGS=0 MINUTES=8.
 #
 #   bash scripts/gpu_train_natural.sh                       # any CUDA machine with torch and lightning
 #   MINUTES=1 DRY_RUN=1 bash scripts/gpu_train_natural.sh --trainer.accelerator cpu --trainer.precision 32-true \

@@ -188,3 +188,14 @@ def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
     res = json.loads((tmp_path / "gpu_timings.json").read_text())
     assert res["restore"]["fp32_batch1"]["s_per_image"] > 0
     assert set(res["train"]) == {"fp32", "bf16", "bf16_cl"}
+
+
+def test_held_out_halves_are_disjoint_and_hold_every_class():
+    """The validation half (for choosing) and the evaluation half (for the figures) share no digit."""
+    bench = _load_bench("train_recipes")
+    labels = torch.arange(10).repeat_interleave(5)  # sorted by class, as the files are
+    images = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1, 1)  # each image its own index
+    (val_x, val_y), (eval_x, eval_y) = bench.held_out_halves(images, labels)
+    val_ids, eval_ids = set(val_x.flatten().tolist()), set(eval_x.flatten().tolist())
+    assert not val_ids & eval_ids and len(val_ids) + len(eval_ids) == len(labels)
+    assert set(val_y.tolist()) == set(eval_y.tolist()) == set(range(10))
