@@ -545,8 +545,8 @@ def test_bench_script_smoke(prior_file, tmp_path):
     res = json.loads((out / "blind_deblur.json").read_text())
     assert res["meta"]["images"] == 3 and set(res["rows"]) == set(bench.ROWS)
     assert len(res["goals"]) == 3 and (out / "blind_deblur.md").is_file()
-    # the config's 5 passes, the last one the mean of 8 samples; the non-blind row takes the same 8 samples
-    assert (res["meta"]["nfe"], res["meta"]["nfe_nonblind"]) == ((4 + 8) * 2, 8 * 2)
+    # the config's 7 passes, the last one the mean of 8 samples; the non-blind row takes the same 8 samples
+    assert (res["meta"]["nfe"], res["meta"]["nfe_nonblind"]) == ((6 + 8) * 2, 8 * 2)
     from diffpir.metrics import psnr
 
     crops = dict(bench.crops("eval", tmp_path / "data", 40, 1))
