@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU machine, in one call:
 # 1. continue the bundled `natural` prior for MINUTES minutes of training (configs/train/natural_gpu.yaml: bf16,
-#    batch 256, from diffpir/assets/priors/natural.safetensors) and export the EMA weights to
+#    batch 16 of 256x256 patches, from diffpir/assets/priors/natural.safetensors) and export the EMA weights to
 #    $OUT/natural.safetensors, with the training log beside it;
 # 2. GPU timings (bench/gpu_timings.py: s/image of the natural prior at 256 px and 100 NFEs, batch 1 and 16; a
 #    forward of the ffhq_10m-size UNet at 256 px; training img/s) to $OUT/gpu_timings.json (TIMINGS=0 skips them).
