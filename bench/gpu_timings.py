@@ -1,15 +1,16 @@
 """GPU timings in one short run (the timing half of scripts/gpu_train_natural.sh):
 
     python bench/gpu_timings.py [--out DIR]                                  # on a CUDA machine
-    python bench/gpu_timings.py --device cpu --nfe 2 --size 64 --batches 1 2 --train-batch 2 --forward-size 32 \
-        --forward-batches 1 --repeats 1 --out /tmp/t                        # a dry run on the CPU
+    python bench/gpu_timings.py --device cpu --nfe 2 --size 64 --batches 1 2 --train-batch 2 --train-size 32 \
+        --forward-size 32 --forward-batches 1 --repeats 1 --out /tmp/t                       # a dry run on the CPU
 
 1. DiffPIR restoration with the bundled ``natural`` prior at ``--size`` px (256) and ``--nfe`` NFEs (100): seconds per
    image at batch 1 and 16 (Gaussian deblurring, fp32 and bf16 autocast), sampler only, after one warm-up batch;
 2. one forward of the ``ffhq_10m``-size UNet (93.6M parameters, random weights) at 256 px, batch 1 and 8, fp32 and
    bf16, with ``torch.compile`` when ``--compile`` (reported separately; compilation time excluded and printed);
-3. training img/s of the ``natural`` net on 64 px patches (the training step of ``DiffusionModule``: the loss,
-   backward, AdamW), batch ``--train-batch``, fp32 vs bf16 autocast vs bf16 + channels_last.
+3. training img/s of the ``natural`` net on ``--train-size`` px patches (256, as ``configs/train/natural_gpu.yaml``;
+   the training step of ``DiffusionModule``: the loss, backward, AdamW), batch ``--train-batch`` (16, as the
+   config), fp32 vs bf16 autocast vs bf16 + channels_last.
 
 Each figure is the median of ``--repeats`` timed runs, with ``torch.cuda.synchronize`` around them. Writes
 ``<out>/gpu_timings.json`` (with the GPU's name, torch version and date) and prints a table.
@@ -128,7 +129,9 @@ def training(args: argparse.Namespace, device: torch.device) -> dict:
     from diffpir.training import DiffusionModule
 
     res = {}
-    data = torch.rand(args.train_batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    data = torch.rand(
+        args.train_batch, 3, args.train_size, args.train_size, generator=torch.Generator().manual_seed(0)
+    ).to(device)
     for name, bf16, channels_last in (("fp32", False, False), ("bf16", True, False), ("bf16_cl", True, True)):
         net = build_unet(args.train_preset).to(device)
         x = data
@@ -139,9 +142,15 @@ def training(args: argparse.Namespace, device: torch.device) -> dict:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         gen = torch.Generator(device=device)
         seconds = timed(functools.partial(train_step, module, opt, x, gen, device, bf16), device, args.repeats)
-        res[name] = {"img_per_s": args.train_batch / seconds, "s_per_step": seconds}
+        res[name] = {
+            "img_per_s": args.train_batch / seconds,
+            "s_per_step": seconds,
+            "size": args.train_size,
+            "batch": args.train_batch,
+        }
         print(
-            f"train natural 64 px {name:8s} batch {args.train_batch}: {args.train_batch / seconds:.1f} img/s",
+            f"train natural {args.train_size} px {name:8s} batch {args.train_batch}: "
+            f"{args.train_batch / seconds:.1f} img/s",
             flush=True,
         )
     return res
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--nfe", type=int, default=100)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--train-batch", type=int, default=256)
+    ap.add_argument("--train-batch", type=int, default=16, help="training timings' batch (natural_gpu.yaml's)")
+    ap.add_argument("--train-size", type=int, default=256, help="training timings' patch side (natural_gpu.yaml's)")
     ap.add_argument("--forward-size", type=int, default=256, help="input side of the ffhq_10m-size forward")
     ap.add_argument("--forward-batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)

@@ -37,7 +37,7 @@ rm -f runs/natural_gpu/checkpoints/last.ckpt  # a fresh run from the bundled wei
   --out "$OUT/natural.safetensors" --fp16 | tee -a "$OUT/train.log"
 if [ "${TIMINGS:-1}" = 1 ]; then
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    "$PY" bench/gpu_timings.py --device cpu --nfe 2 --size 32 --batches 1 --train-batch 2 --forward-size 32 \
+    "$PY" bench/gpu_timings.py --device cpu --nfe 2 --size 32 --batches 1 --train-batch 2 --train-size 32 --forward-size 32 \
       --forward-batches 1 --repeats 1 --skip forward --out "$OUT" 2>&1 | tee -a "$OUT/timings.log"
   else
     "$PY" bench/gpu_timings.py --compile --out "$OUT" 2>&1 | tee -a "$OUT/timings.log"

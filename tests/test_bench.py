@@ -180,7 +180,7 @@ def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
     bench = _load_bench("gpu_timings")
     prior = export_prior(Prior(build_unet("tiny"), NoiseSchedule.linear()), None, tmp_path / "tiny.safetensors")
     bench.main(["--device", "cpu", "--prior", str(prior), "--train-preset", "tiny", "--nfe", "2", "--size", "32",
-                "--batches", "1", "--train-batch", "2",
+                "--batches", "1", "--train-batch", "2", "--train-size", "32",
                 "--forward-size", "32", "--forward-batches", "1", "--repeats", "1", "--skip", "forward",
                 "--out", str(tmp_path)])  # fmt: skip
     import json
@@ -188,6 +188,7 @@ def test_gpu_timings_dry_run_on_the_cpu(tmp_path):
     res = json.loads((tmp_path / "gpu_timings.json").read_text())
     assert res["restore"]["fp32_batch1"]["s_per_image"] > 0
     assert set(res["train"]) == {"fp32", "bf16", "bf16_cl"}
+    assert (res["train"]["fp32"]["size"], res["train"]["fp32"]["batch"]) == (32, 2)  # the patches it was asked for
 
 
 def test_held_out_halves_are_disjoint_and_hold_every_class():

@@ -186,8 +186,20 @@ def test_prepare_natural_from_cached_debs(tmp_path):
     assert _mtimes(root) == before
 
 
+def test_prepare_natural_names_kde_wallpapers_by_folder(tmp_path):
+    # KDE packages hold <Wallpaper>/contents/images/<W>x<H>.jpg: the output is named after the wallpaper
+    cache = tmp_path / "debs"
+    cache.mkdir()
+    files = {f"{w}/contents/images/64x40.jpg": _png_bytes(64, 40) for w in ("Lake", "Path")}
+    _fake_deb(cache / "kde-pics_1.0_all.deb", "usr/share/wallpapers", files)
+    src = DebSource("kde-pics", "usr/share/wallpapers", tuple(files), "kde", "test")
+    manifest = prepare_natural(tmp_path / "out", sources=[src], val=["kde_Path"], cache=cache, log=lambda _: None)
+    assert sorted(f["file"] for f in manifest["files"]) == ["train/kde_Lake.png", "val/kde_Path.png"]
+    assert manifest["files"][0]["source"] == "kde-pics:usr/share/wallpapers/Lake/contents/images/64x40.jpg"
+
+
 def test_natural_selection_keeps_train_and_val_apart():
-    names = [f"{s.prefix}_{Path(n).stem}" for s in prepare.NATURAL_SOURCES for n in s.keep]
+    names = [s.stem(n) for s in prepare.NATURAL_SOURCES for n in s.keep]
     assert len(names) == len(set(names))
     assert set(prepare.NATURAL_VAL) <= set(names)
     # evaluation photographs never come from the training packages

@@ -29,6 +29,7 @@ __all__ = [
     "LOMIRI_16_PHOTOS_CC_BY",
     "LOMIRI_16_PHOTOS_CC_BY_SA",
     "MATE_PHOTOS",
+    "PLASMA_PHOTOS",
     "NATURAL_SOURCES",
     "NATURAL_VAL",
     "OPENCV_PHOTOS",
@@ -48,6 +49,12 @@ class DebSource:
     keep: tuple[str, ...]
     prefix: str
     licence: str
+
+    def stem(self, name: str) -> str:
+        """The output name of ``name``: ``{prefix}_{stem}``, where the stem is the file's stem, or for a file in
+        a sub-folder (KDE's ``<Wallpaper>/contents/images/<W>x<H>.jpg``) the sub-folder's name."""
+        parts = Path(name).parts
+        return f"{self.prefix}_{parts[0] if len(parts) > 1 else Path(name).stem}"
 
 
 # Colour photographs of opencv-doc's examples/data. Left out: grey images (calibration chessboards
@@ -79,6 +86,18 @@ LOMIRI_16_PHOTOS_CC_BY_SA = (
     "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "free_by_Peter_Nerlich.jpg",
     "greentock_by_Peter_Nerlich.jpg",
 )  # fmt: skip
+# Colour photographs of KDE's plasma-workspace-wallpapers (Debian 12: 4:5.27.5-2), each at its largest
+# 16:10 size. Licence: LGPL-3 per each wallpaper's metadata.json (the package's copyright file: GPL-2+).
+# Left out: the renders and drawings (Altai, Autumn, Canopee, Cascade, Cluster, Elarun, Flow, FlyingKonqui,
+# Honeywave, IceCold, Kay, Kokkini, MilkyWay, Opal, PastelHills, Patak, SafeLanding, Shell, Volna) and the
+# grey Grey.
+PLASMA_PHOTOS = tuple(
+    f"{name}/contents/images/2560x1600.jpg"
+    for name in (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Kite",
+        "OneStandsOut", "Path", "summer_1am",
+    )
+)  # fmt: skip
 
 NATURAL_SOURCES = (
     DebSource(
@@ -93,6 +112,7 @@ NATURAL_SOURCES = (
     DebSource(
         "lomiri-wallpapers-20.04", "usr/share/backgrounds", ("Kleiber_by_Lukas_Baubkus.jpg",), "lomiri", "CC-BY-SA-3.0"
     ),
+    DebSource("plasma-workspace-wallpapers", "usr/share/wallpapers", PLASMA_PHOTOS, "plasma", "LGPL-3"),
 )
 # Held out for validation (never in train): one object photo, one street scene, one nature photograph.
 NATURAL_VAL = ("opencv_butterfly", "opencv_leuvenA", "mate_YellowFlower")
@@ -214,7 +234,7 @@ def prepare_natural(
     }
 
     def target(src: DebSource, name: str) -> Path:
-        stem = f"{src.prefix}_{Path(name).stem}"
+        stem = src.stem(name)
         return root / ("val" if stem in val else "train") / f"{stem}.png"
 
     old = _read_manifest(root)
