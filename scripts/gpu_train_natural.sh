@@ -14,7 +14,7 @@
 #       --data.batch_size 8 --data.num_workers 0          # a dry run of the script on a CPU (tiny timings)
 #
 # With this workplace's `device` tool: carry ["data/natural", ".whl"]. data/natural comes from
-# `python scripts/prepare_data.py natural` (30 MB, 44 + 3 photos). The GPU image has no jsonargparse (LightningCLI needs it): put
+# `python scripts/prepare_data.py natural` (about 40 MB, 54 + 3 photos). The GPU image has no jsonargparse (LightningCLI needs it): put
 # its wheels in .whl/ first (`pip download --no-deps -d .whl jsonargparse docstring-parser typeshed-client`,
 # with `echo /.whl/ >> .git/info/exclude`). Extra arguments go to `diffpir-train fit`. Then copy the returned file
 # to diffpir/assets/priors/natural.safetensors, and rerun bench/prior_quality.py and `make demo` here.
