@@ -2,7 +2,7 @@
 
     python bench/gpu_timings.py [--out DIR]                                  # on a CUDA machine
     python bench/gpu_timings.py --device cpu --nfe 2 --size 64 --batches 1 2 --train-batch 2 --train-size 32 \
-        --forward-size 32 --forward-batches 1 --repeats 1 --out /tmp/t                       # a dry run on the CPU
+        --forward-size 32 --forward-batches 1 --repeats 1 --out /tmp/t      # a dry run on the CPU
 
 1. DiffPIR restoration with the bundled ``natural`` prior at ``--size`` px (256) and ``--nfe`` NFEs (100): seconds per
    image at batch 1 and 16 (Gaussian deblurring, fp32 and bf16 autocast), sampler only, after one warm-up batch;

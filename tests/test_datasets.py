@@ -199,7 +199,7 @@ def test_prepare_natural_names_kde_wallpapers_by_folder(tmp_path):
 
 
 def test_natural_selection_keeps_train_and_val_apart():
-    names = [s.stem(n) for s in prepare.NATURAL_SOURCES for n in s.keep]
+    names = [s.output_stem(n) for s in prepare.NATURAL_SOURCES for n in s.keep]
     assert len(names) == len(set(names))
     assert set(prepare.NATURAL_VAL) <= set(names)
     # evaluation photographs never come from the training packages

@@ -29,10 +29,10 @@ __all__ = [
     "LOMIRI_16_PHOTOS_CC_BY",
     "LOMIRI_16_PHOTOS_CC_BY_SA",
     "MATE_PHOTOS",
-    "PLASMA_PHOTOS",
     "NATURAL_SOURCES",
     "NATURAL_VAL",
     "OPENCV_PHOTOS",
+    "PLASMA_PHOTOS",
     "DebSource",
     "fetch_deb",
     "iter_deb_files",
@@ -50,9 +50,9 @@ class DebSource:
     prefix: str
     licence: str
 
-    def stem(self, name: str) -> str:
-        """The output name of ``name``: ``{prefix}_{stem}``, where the stem is the file's stem, or for a file in
-        a sub-folder (KDE's ``<Wallpaper>/contents/images/<W>x<H>.jpg``) the sub-folder's name."""
+    def output_stem(self, name: str) -> str:
+        """The output name of ``name`` (without ``.png``): ``{prefix}_{stem}``, where the stem is the file's stem,
+        or for a file in a sub-folder (KDE's ``<Wallpaper>/contents/images/<W>x<H>.jpg``) the sub-folder's name."""
         parts = Path(name).parts
         return f"{self.prefix}_{parts[0] if len(parts) > 1 else Path(name).stem}"
 
@@ -222,7 +222,8 @@ def prepare_natural(
 
     The photographs are read from Debian packages (:data:`NATURAL_SOURCES`), fetched with ``apt-get download``
     into ``cache`` (default ``out/.cache/debs``), and downscaled (Lanczos) so that the short side is at most
-    ``max_short_side``. Output names are ``{prefix}_{stem}.png``; those named in ``val`` go to ``val/``.
+    ``max_short_side``. Output names are :meth:`DebSource.output_stem` + ``.png``; those named in ``val`` go to
+    ``val/``.
     """
     root = Path(out) / "natural"
     cache = Path(cache) if cache is not None else Path(out) / ".cache" / "debs"
@@ -234,7 +235,7 @@ def prepare_natural(
     }
 
     def target(src: DebSource, name: str) -> Path:
-        stem = src.stem(name)
+        stem = src.output_stem(name)
         return root / ("val" if stem in val else "train") / f"{stem}.png"
 
     old = _read_manifest(root)
