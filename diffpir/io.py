@@ -4,8 +4,10 @@ leftover temporary files, and safe output names.
 Ranges and shapes: images are float tensors ``[C, H, W]`` in [0, 1]; ``C`` is 1 (grey) or 3 (RGB).
 Files are decoded with :mod:`torchvision.io` (PNG 8/16-bit, JPEG, WebP, GIF); formats it cannot decode (BMP, TIFF)
 fall back to Pillow. Conversions: palette images are expanded, alpha is dropped (not composited), RGB -> grey uses
-the ITU-R 601 luma weights, grey -> RGB repeats the channel; 16-bit images keep their precision; float TIFFs
-(Pillow mode ``F``) are read as they are (values on the [0, 1] scale, not clipped).
+the ITU-R 601 luma weights (WebP and GIF too, which torchvision reads in colour only), grey -> RGB repeats the channel;
+16-bit images keep their precision (16-bit colour TIFFs through ``tifffile`` when it is installed: Pillow reads them at
+8 bits, with a warning); float TIFFs (Pillow mode ``F``) are read as they are (values on the [0, 1] scale, not
+clipped).
 
 Orientation: the EXIF orientation tag (phone photos) is applied, so images are read upright (and restorations
 written upright).
@@ -225,6 +227,8 @@ def _decode(path: Path, channels: int | None, pil_mode: str = "", pillow: bool =
         if channels is None and pil_mode == "P":
             channels = 3  # UNCHANGED would give the palette indices
         mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
+        if channels == 1 and path.suffix.lower() in (".webp", ".gif"):
+            mode = ImageReadMode.RGB  # torchvision has no grey read for these: read_image takes the luma
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
@@ -238,6 +242,10 @@ def _decode(path: Path, channels: int | None, pil_mode: str = "", pillow: bool =
 
     with Image.open(path) as im:
         im.load()
+        if im.mode == "RGB" and _colour_tiff_bits(im) > 8:
+            deep = _read_deep_tiff(path)
+            if deep is not None:
+                return _fit_channels(deep, channels) if channels is not None else deep
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.int64).clip(0, 65535).astype(np.uint16)
             out = torch.from_numpy(arr.astype(np.int32))[None].to(torch.uint16)
@@ -250,6 +258,35 @@ def _decode(path: Path, channels: int | None, pil_mode: str = "", pillow: bool =
     if arr.ndim == 2:
         arr = arr[..., None]
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # a writable copy, C-contiguous
+
+
+def _colour_tiff_bits(im) -> int:
+    """Bits per sample of an open Pillow TIFF (0 for other formats): Pillow reads 16-bit colour TIFFs as 8-bit RGB."""
+    if im.format != "TIFF":
+        return 0
+    bits = getattr(im, "tag_v2", {}).get(258, 8)  # BitsPerSample
+    return int(max(bits)) if isinstance(bits, tuple) else int(bits)
+
+
+def _read_deep_tiff(path: Path) -> Tensor | None:
+    """A 16-bit colour TIFF as uint16 ``[C, H, W]`` (alpha dropped) through ``tifffile``, which Pillow cannot read
+    at full depth; None, with a warning that the image is read at 8 bits, when ``tifffile`` is not installed or the
+    file is not 16-bit unsigned RGB(A)."""
+    import numpy as np
+
+    try:
+        import tifffile
+    except ImportError:
+        warnings.warn(
+            f"{str(path)!r} is a 16-bit colour TIFF: read at 8 bits per channel (Pillow's limit); "
+            f"pip install tifffile to keep its precision, or convert it to a 16-bit PNG",
+            stacklevel=4,
+        )
+        return None
+    arr = tifffile.imread(str(path))
+    if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        return None
+    return torch.from_numpy(arr[..., :3].transpose(2, 0, 1).astype(np.int32)).to(torch.uint16)
 
 
 def read_image(
@@ -317,6 +354,8 @@ def read_image(
     img = _upright(img, orientation)
     if channels is None and img.shape[0] in (2, 4):
         img = img[:-1]  # drop alpha
+    if channels is not None and img.shape[0] != channels:
+        img = _fit_channels(img, channels)  # torchvision ignores the read mode for some formats (WebP, GIF)
     if img.is_floating_point():
         bad = int((~torch.isfinite(img)).sum())
         if bad:
@@ -332,6 +371,23 @@ def read_image(
     if img.dtype == torch.uint16:
         return img.to(torch.int32).to(dtype) / 65535.0
     return img.to(dtype) / 255.0
+
+
+def _fit_channels(img: Tensor, channels: int) -> Tensor:
+    """``img`` ``[C, H, W]`` (integer or float) with ``channels`` channels: alpha dropped, RGB -> grey by the
+    ITU-R 601 luma weights (rounded for integer images), grey -> RGB repeated."""
+    if img.shape[0] in (2, 4):
+        img = img[:-1]
+    if img.shape[0] == channels:
+        return img
+    if channels == 3:
+        return img.expand(3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(3, 1, 1)
+    grey = (img.to(torch.float64) * weights).sum(0, keepdim=True)
+    if img.is_floating_point():
+        return grey.to(img.dtype)
+    top = 65535 if img.dtype == torch.uint16 else 255
+    return grey.round().clamp(0, top).to(torch.int32).to(img.dtype)
 
 
 def to_uint8(img: Tensor) -> Tensor:

@@ -180,3 +180,29 @@ def test_degradation_settings_are_checked_once_up_front(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Degradation(**kwargs)
     Degradation(task="sr_x4", kernel_size=60)  # the size of a generated kernel only matters where one is generated
+
+
+def test_restore_messages_in_the_command_line_words(tmp_path, capsys, no_prior_loading):
+    """Found by a review: options the run decides itself, a file as output folder, the preset hint."""
+    base = ["predict", "--config", str(DEBLUR)]
+    with pytest.raises(SystemExit) as info:  # the data's channels follow the prior
+        restore_main([*base, "--writer.output_dir", str(tmp_path / "o"), "--data.channels", "1"])
+    assert info.value.code == 1
+    assert "--data.channels is not an option here" in _one_error(capsys.readouterr().err, "diffpir-restore")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        restore_main([*base, "--writer.output_dir", str(tmp_path / "afile")])
+    assert "is a file, not a folder" in _one_error(capsys.readouterr().err, "diffpir-restore")
+    real = ["--data.mode", "real", "--data.images", str(tmp_path), "--data.degradation.kernel_std_max", "3.0"]
+    with pytest.raises(SystemExit):
+        restore_main([*base, "--writer.output_dir", str(tmp_path / "o"), *real])
+    assert "--data.degradation.kernel_std_max null" in _one_error(capsys.readouterr().err, "diffpir-restore")
+
+
+def test_a_state_dict_of_no_preset_names_the_restore_option(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "resnet.pt")
+    with pytest.raises(SystemExit):
+        restore_main(["predict", "--config", str(DEBLUR), "--model.prior", str(tmp_path / "resnet.pt"),
+                      "--writer.output_dir", str(tmp_path / "o")])  # fmt: skip
+    line = _one_error(capsys.readouterr().err, "diffpir-restore")
+    assert "pass --model.preset NAME" in line and "preset=" not in line

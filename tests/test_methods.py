@@ -509,3 +509,37 @@ def test_cli_method_option(prior_file, tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 1 and summary["settings"]["model"]["method"]["init_args"]["steps"] == 2
     assert "class_path: diffpir.methods.DPS" in (out / "config.yaml").read_text()
+
+
+def test_dps_inpaints_from_the_command_line(prior_file, tmp_path, monkeypatch):
+    """README's `--config configs/restore/inpaint_box.yaml --model.method DPS`: the mask is built under Lightning's
+    inference mode, and DPS differentiates through the operator (it once failed: inference tensors cannot be saved
+    for backward)."""
+    from diffpir.cli.restore import main
+
+    monkeypatch.setattr(sys, "argv", ["diffpir-restore"])
+    out = tmp_path / "box"
+    args = (
+        f"predict --config {CONFIGS / 'inpaint_box.yaml'} --model.prior {prior_file} --writer.output_dir {out} "
+        "--model.method DPS --model.method.steps 2 --model.lpips false --data.limit 1 --data.crop 16 "
+        "--trainer.accelerator cpu --trainer.devices 1 --trainer.enable_progress_bar false"
+    )
+    main(args.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["count"], summary["failed"]) == (1, 0) and math.isfinite(summary["mean"]["psnr"])
+
+
+def test_differentiable_copies_inference_tensors_only():
+    from diffpir.operators.base import differentiable
+
+    op = Inpaint(box_mask(16, 16, 8, 2, generator=0))
+    assert differentiable(op) is op  # nothing to copy
+    with torch.inference_mode():
+        op_inf = Inpaint(box_mask(16, 16, 8, 2, generator=0))
+    with torch.inference_mode(False), torch.enable_grad():
+        op_grad = differentiable(op_inf)
+        assert op_grad is not op_inf and not op_grad.mask.is_inference()
+        torch.testing.assert_close(op_grad.mask, op_inf.mask, atol=0, rtol=0)
+        x = torch.rand(1, 3, 16, 16, requires_grad=True)
+        (grad,) = torch.autograd.grad(op_grad(x).sum(), x)
+    torch.testing.assert_close(grad, op.mask.expand(1, 3, 16, 16))  # d/dx sum(M x) = M

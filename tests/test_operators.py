@@ -417,8 +417,17 @@ def test_load_mask(tmp_path):
     m = random_mask(H, W, 0.5, generator=0)
     save_png((m[0] * 255).to(torch.uint8), tmp_path / "m.png")
     assert torch.equal(load_mask(tmp_path / "m.png", size=(H, W)), m)
-    with pytest.raises(ValueError, match=f"mask .* is {H}x{W} but the images are 16x16"):
+    with pytest.raises(ValueError, match=rf"mask .* is {W}x{H} \(width x height\) but the images are 16x16"):
         load_mask(tmp_path / "m.png", size=(16, 16))
+    # levels 0 and 1 (mask.astype(np.uint8) saved as it is; black to the eye) are that 0/1 mask, 8 or 16 bits
+    save_png(m[0].to(torch.uint8), tmp_path / "m01.png")
+    assert torch.equal(load_mask(tmp_path / "m01.png"), m)
+    Image.fromarray(m[0].numpy().astype(np.uint16)).save(tmp_path / "m01_16.png")
+    assert torch.equal(load_mask(tmp_path / "m01_16.png"), m)
+    # a dark grey mask is still thresholded at one half (level 2 of 255 is not a 0/1 mask)
+    save_png((m[0] * 2).to(torch.uint8), tmp_path / "m02.png")
+    with pytest.warns(UserWarning, match="has no known pixel"):
+        assert not load_mask(tmp_path / "m02.png").any()
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read mask file"):
         load_mask(tmp_path / "bad.png")
@@ -471,3 +480,17 @@ def test_kernel_operators_work_when_built_under_inference_mode():
         op = Blur(k)
         out = op.prox_fn(op(x))(x, 0.5)
     torch.testing.assert_close(out, ref)
+
+
+def test_nonlinear_prox_under_inference_mode():
+    """Lightning's predict runs the data step under torch.inference_mode, where autograd is off: the gradient-step
+    prox leaves it and gives what it gives outside."""
+    g = torch.Generator().manual_seed(0)
+    op = NonlinearOperator(lambda x: 0.5 * torch.tanh(2 * x), steps=20)
+    x, z = torch.rand(1, 3, 8, 8, generator=g), torch.rand(1, 3, 8, 8, generator=g)
+    y = op(x)
+    expected = op.prox(z, y, 0.1)
+    with torch.inference_mode():
+        got = op.prox(z.clone(), y.clone(), torch.tensor([0.1]))
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(expected, z)  # it moved

@@ -5,6 +5,7 @@ inside the output folder, and config mistakes give a clear message. CPU, tiny pr
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -529,3 +530,108 @@ def test_sigkill_then_rerun_restores_every_image_byte_identically(prior_file, tm
     assert _csv_rows(out / "metrics.csv") == _csv_rows(ref / "metrics.csv")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["count"], summary["failed"], summary["missing"]) == (8, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Found by a review (2026-12-02): formats without a grey read, changed inputs, early failures, nested outputs
+# ---------------------------------------------------------------------------------------------------------
+def test_webp_gif_and_16bit_colour_tiff_are_read_as_asked(tmp_path):
+    rgb = _rgb(12, 3)
+    luma = torch.from_numpy(np.array(Image.fromarray(rgb).convert("L"))).int()
+    for name in ("a.webp", "a.gif"):  # torchvision ignores the grey read mode for these two
+        Image.fromarray(rgb).save(tmp_path / name, **({"lossless": True} if name.endswith("webp") else {}))
+        stored = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("L"))).int()
+        x = read_image(tmp_path / name, 1, dtype=torch.uint8)
+        assert x.shape == (1, 12, 12) and int((x[0].int() - stored).abs().max()) <= 1
+    assert int((read_image(tmp_path / "a.webp", 1, dtype=torch.uint8)[0].int() - luma).abs().max()) <= 1
+    tifffile = pytest.importorskip("tifffile")
+    deep = (np.random.default_rng(4).random((12, 10, 3)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tif", deep)  # Pillow alone reads it at 8 bits
+    x = read_image(tmp_path / "deep.tif", dtype=torch.float64)
+    torch.testing.assert_close(x, torch.from_numpy(deep.transpose(2, 0, 1) / 65535.0), rtol=0, atol=1e-9)
+
+
+def test_grey_prior_restores_a_webp_among_pngs(tmp_path):
+    """A colour WebP for a grey prior used to stop the whole run (3 channels reached the sampler)."""
+    from conftest import export_tiny_prior
+
+    grey_prior = export_tiny_prior(tmp_path / "grey", in_channels=1, out_channels=1)
+    images = _write_images(tmp_path / "in", 1)
+    Image.fromarray(_rgb(16, 7)).save(images / "w.webp", lossless=True)
+    out = tmp_path / "out"
+    main(["predict", "--config", str(DENOISE), "--model.prior", str(grey_prior), "--writer.output_dir", str(out)]
+         + ["--data.images", str(images), *QUICK.split()])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["count"], summary["failed"]) == (2, 0)
+    assert read_image(out / "restored" / "w.png", None).shape == (1, 16, 16)
+
+
+def test_rerun_restores_again_an_input_that_changed(prior_file, tmp_path, caplog):
+    images = _write_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    cmd = ["predict", "--config", str(DENOISE), "--model.prior", str(prior_file), "--writer.output_dir", str(out),
+           "--data.images", str(images), *QUICK.split()]  # fmt: skip
+    main(cmd)
+    first = {p.name: p.read_bytes() for p in (out / "restored").iterdir()}
+    Image.fromarray(_rgb(16, 999)).save(images / "img1.png")  # another photo under the same name
+    with caplog.at_level(logging.INFO):
+        main(cmd)
+    assert "changed since it was restored" in caplog.text
+    second = {p.name: p.read_bytes() for p in (out / "restored").iterdir()}
+    assert second["img0.png"] == first["img0.png"] and second["img1.png"] != first["img1.png"]
+    rows = [json.loads(line) for line in (out / "metrics" / "rank0.jsonl").read_text().splitlines()]
+    digest = hashlib.sha256((images / "img1.png").read_bytes()).hexdigest()
+    assert rows[-1]["key"] == "img1" and rows[-1]["input_sha256"] == digest
+    assert json.loads((out / "summary.json").read_text())["count"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(cmd)  # unchanged now: nothing to do
+    assert "skipping 2 of 2 images already restored" in caplog.text
+
+
+def test_a_folder_without_restorations_takes_new_settings(prior_file, tmp_path, capsys):
+    images = _write_images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    base = ["predict", "--config", str(DENOISE), "--model.prior", str(prior_file), "--writer.output_dir", str(out),
+            *QUICK.split()]  # fmt: skip
+    with pytest.raises(SystemExit):  # a mistyped folder: one-line error, settings.json already written
+        main([*base, "--data.images", str(tmp_path / "nope")])
+    assert (out / "settings.json").is_file()
+    main([*base, "--data.images", str(images), "--data.crop", "12"])  # other settings: taken, not refused
+    assert json.loads((out / "summary.json").read_text())["count"] == 1
+    with pytest.raises(SystemExit):  # now it holds a restoration: other settings are refused
+        main([*base, "--data.images", str(images), "--data.crop", "10"])
+    assert "holds restorations made with other settings" in capsys.readouterr().err
+
+
+def test_output_folder_inside_the_image_folder_is_not_read_back(prior_file, tmp_path, caplog):
+    images = _write_images(tmp_path / "in", 2)
+    out = images / "restorations"
+    cmd = ["predict", "--config", str(DENOISE), "--model.prior", str(prior_file), "--writer.output_dir", str(out),
+           "--data.images", str(images), "--writer.save_degraded", "true", "--writer.save_grid", "true",
+           *QUICK.split()]  # fmt: skip
+    main(cmd)
+    with caplog.at_level(logging.INFO):
+        main(cmd)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["requested"], summary["count"]) == (2, 2)
+    assert sorted(p.name for p in (out / "restored").iterdir()) == ["img0.png", "img1.png"]
+    assert "inside the output folder" in caplog.text
+
+
+def test_user_mask_of_the_file_size_is_cropped_with_the_image(prior_file, tmp_path):
+    images = _write_images(tmp_path / "in", 1, size=16)
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[2:6, 3:12] = 0  # rows 2-5 missing; the centre 12x12 crop starts at row 2, column 2
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "out"
+    main(["predict", "--config", str(ROOT / "configs" / "restore" / "inpaint_box.yaml"), "--model.prior",
+          str(prior_file), "--writer.output_dir", str(out), "--data.images", str(images), "--data.crop", "12",
+          "--data.degradation.task", "inpaint_mask", "--data.degradation.mask", str(tmp_path / "m.png"),
+          "--writer.save_degraded", "true", *QUICK.split()])  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["count"] == 1
+    y = read_image(out / "degraded" / "img0.png", dtype=torch.uint8)
+    x = read_image(images / "img0.png", dtype=torch.uint8)[:, 2:14, 2:14]
+    known = torch.from_numpy(mask[2:14, 2:14] > 0)
+    assert torch.equal(y[:, ~known], torch.zeros_like(y[:, ~known]))  # the cropped mask's hole
+    assert torch.equal(y[:, known], x[:, known])  # noiseless: the known pixels as they are

@@ -115,11 +115,18 @@ def test_cli_writes_a_config_the_restoration_cli_parses(tmp_path):
     text = out.read_text()
     assert text.startswith("# Tuned by diffpir.cli.tune") and f"best lambda_ = {result.lambda_:g}" in text
     cfg = yaml.safe_load(text)
+    assert cfg["writer"]["output_dir"] == str(tmp_path / "o")  # as --set named it
     assert cfg["data"]["degradation"] == {"task": "denoise", "sigma_n": 0.2}
     assert cfg["model"]["method"]["init_args"]["steps"] == 2 and cfg["model"]["prior"] == str(prior_file)
     cli = build_cli(["--config", str(out)], run=False)
     assert cli.model.method.config()["lambda_"] == result.lambda_ and cli.model.method.config()["zeta"] == result.zeta
     assert cli.datamodule.degradation.sigma_n == 0.2 and cli.model.method.nfe == 2
+
+    # without --set writer.output_dir the tuned config writes beside the source's folder, not into it (a run there
+    # would be refused: that folder holds outputs of the untuned settings)
+    run([*args, "--sigma-n", "0.2", "--out", str(tmp_path / "tuned2.yaml")])
+    cfg2 = yaml.safe_load((tmp_path / "tuned2.yaml").read_text())
+    assert cfg2["writer"]["output_dir"] == "outputs/restore/tuned2"
 
 
 def test_console_script_exits_zero_and_names_itself(tmp_path):

@@ -163,6 +163,11 @@ class RestoreCLI(LightningCLI):
         self._argv = (
             [] if isinstance(args, dict) or hasattr(args, "as_dict") else list(sys.argv[1:] if args is None else args)
         )
+        if any(a == "--data.channels" or a.startswith("--data.channels=") for a in self._argv):
+            raise ValueError(
+                "--data.channels is not an option here: the images are read with the prior's channels (a grey "
+                "prior reads colour images as grey); leave it out"
+            )
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
@@ -181,6 +186,9 @@ class RestoreCLI(LightningCLI):
         except ValueError as err:
             raise ValueError(f"--data.degradation: {err}") from None
         check_run(degradation, data.get("mode", "benchmark"))
+        out = (config.get("writer") or {}).get("output_dir")
+        if out and Path(str(out)).exists() and not Path(str(out)).is_dir():
+            raise ValueError(f"--writer.output_dir {str(out)!r} is a file, not a folder: choose a folder")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         from diffpir.cli.train import watch_launched_processes
@@ -270,6 +278,8 @@ def main(args: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(143) from None
     except USER_ERRORS as err:
+        if "pass preset=" in str(err):  # load_prior's hint in the command line's words
+            err = ValueError(str(err).replace("pass preset=", "pass --model.preset NAME"))
         report_error("diffpir-restore", err)
         return
     if cli.subcommand == "predict" and (cli.failed or cli.missing):

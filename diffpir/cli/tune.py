@@ -173,9 +173,12 @@ def write_config(
     *,
     source: str = "",
     prior: str | None = None,
+    own_folder: bool = True,
 ) -> Path:
     """Write ``config`` with ``model.method.init_args.lambda_`` / ``zeta`` set to the result (and ``model.prior``
-    when given) as YAML, with a header recording the search."""
+    when given) as YAML, with a header recording the search. With ``own_folder``, its ``writer.output_dir`` is the
+    source's folder's sibling named after ``out`` (``outputs/restore/deblur_gaussian`` -> ``outputs/restore/<out's
+    stem>``)."""
     cfg = yaml.safe_load(yaml.safe_dump(config))  # a deep copy of plain values
     model = cfg.setdefault("model", {})
     method = model.setdefault("method", {"class_path": "diffpir.methods.DiffPIRMethod"})
@@ -183,6 +186,10 @@ def write_config(
     settings["lambda_"], settings["zeta"] = float(result.lambda_), float(result.zeta)
     if prior is not None:
         model["prior"] = prior
+    writer = cfg.get("writer")
+    if own_folder and isinstance(writer, dict) and writer.get("output_dir"):
+        # its own folder: the source config's holds outputs of other settings, which a run would refuse to mix
+        writer["output_dir"] = str(Path(str(writer["output_dir"])).parent / Path(out).stem)
     rows = sorted(result.table, key=lambda r: (r["lambda_"], r["zeta"]))
     head = [
         f"# Tuned by diffpir.cli.tune from {source or 'a restoration config'}: {result.objective} "
@@ -298,7 +305,8 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         lpips_metric=metric,
         log=lambda msg: print(msg, flush=True),
     )
-    out = write_config(config, args.out, result, source=args.config, prior=str(prior_ref))
+    own = not any(a.strip().startswith("writer.output_dir=") for a in args.set)  # unless --set names one
+    out = write_config(config, args.out, result, source=args.config, prior=str(prior_ref), own_folder=own)
     print(
         f"best: lambda_ = {result.lambda_:g}, zeta = {result.zeta:g} ({result.objective} {result.score:.4f}) -> {out}"
     )

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from diffpir.methods.base import Method, schedule_of
 from diffpir.methods.respaced import predict_x0
+from diffpir.operators.base import differentiable
 from diffpir.sampler import DataOperator, GeneratorArg, StepState, randn
 from diffpir.schedule import respaced_timesteps
 
@@ -76,9 +77,10 @@ class DPS(Method):
         steps = schedule_of(prior, "DPS").respaced_steps(self.steps)
         x_shape = op.x_shape(y.shape)
         # Lightning's predict runs under inference mode, whose tensors refuse autograd: step out of it and
-        # work on normal copies.
+        # work on normal copies (of y and of the operator's tensors).
         with torch.inference_mode(False), torch.enable_grad():
             y = y.detach().clone()
+            op = differentiable(op)  # its mask or kernel may be an inference tensor too
             x = randn(x_shape, generator, y)
             for step in steps:
                 ab_t, ab_prev = step.ab, step.ab_next

@@ -197,6 +197,30 @@ class Operator(nn.Module):
         return x
 
 
+def _holds_inference_tensor(obj: object) -> bool:
+    if isinstance(obj, Tensor):
+        return obj.is_inference()
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_inference_tensor(v) for v in obj)
+    if isinstance(obj, dict):
+        return any(_holds_inference_tensor(v) for v in obj.values())
+    if isinstance(obj, nn.Module):
+        return any(_holds_inference_tensor(v) for v in vars(obj).values())
+    return False
+
+
+def differentiable(op: nn.Module) -> nn.Module:
+    """``op`` ready for autograd: itself, or, when it holds tensors made under ``torch.inference_mode`` (as
+    Lightning's predict builds the operators of a batch), a deep copy made outside inference mode, whose tensors
+    are normal ones. Inference tensors cannot be saved for backward, so a method that differentiates through
+    ``op.forward`` (DPS) calls this inside ``torch.inference_mode(False)``. Tensors captured in a user's closure
+    (``LinearOperator``/``NonlinearOperator`` functions) are not reached: build those outside inference mode."""
+    if not _holds_inference_tensor(op):
+        return op
+    with torch.inference_mode(False):
+        return copy.deepcopy(op)
+
+
 def rho_view(rho: float | Tensor, like: Tensor) -> Tensor | float:
     """``rho`` ready to broadcast against ``like`` ``[N, ...]``: a float stays a float, a tensor ``[N]`` (or a
     scalar / ``[1]``) becomes ``[N, 1, 1, 1]`` in ``like``'s dtype and device.

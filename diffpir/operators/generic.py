@@ -93,19 +93,22 @@ class NonlinearOperator(Operator):
 
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
         """``z, rho -> x``: ``steps`` gradient steps from ``z`` (class docstring); works under ``torch.no_grad()``
-        too."""
+        and ``torch.inference_mode()`` too (Lightning's predict), for a ``fn`` that holds no inference tensors."""
         y = y.detach()
 
         def prox(z: Tensor, rho: float | Tensor) -> Tensor:
             check_measurement(z, "z")
-            r = rho_view(rho, z)
-            step = self.lr / (self.lipschitz + r)
-            z = z.detach()
-            x = z.clone()
-            with torch.enable_grad():
+            # Under torch.inference_mode (Lightning's predict) autograd is off and inference tensors refuse it:
+            # step out, with normal copies of the inputs.
+            with torch.inference_mode(False), torch.enable_grad():
+                z, yy = z.detach().clone(), y.clone()
+                rr = rho.detach().clone() if isinstance(rho, Tensor) else rho
+                r = rho_view(rr, z)
+                step = self.lr / (self.lipschitz + r)
+                x = z.clone()
                 for _ in range(self.steps):
                     x = x.detach().requires_grad_(True)
-                    residual = self.forward_fn(x) - y
+                    residual = self.forward_fn(x) - yy
                     (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), x)
                     x = x - step * (grad + r * (x - z))
             return x.detach()

@@ -5,11 +5,13 @@ Generators take a ``torch.Generator`` (or an int seed; 0 is a seed) and never to
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from diffpir.io import IMAGE_SUFFIXES
 from diffpir.operators.base import as_generator
 from diffpir.operators.loading import load_array
 
@@ -61,13 +63,26 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: 
     """Read a user mask image (or ``.npy``/``.pt``) as ``[1, h, w]``: white (value above
     ``threshold`` on the [0, 1] scale) = known pixel = 1, black = missing = 0.
 
+    An image whose only levels are 0 and 1 (``mask.astype(np.uint8)`` saved as a PNG: black to the eye) is read as
+    that 0/1 mask, 1 = known. A mask without any known pixel warns (everything would be made up).
+
     Raises ``ValueError`` when the file is missing or unreadable, or when ``size=(h, w)`` is given and the
     mask has another size.
     """
     arr = load_array(path, "mask")
     if size is not None and tuple(arr.shape) != tuple(size):
         raise ValueError(
-            f"mask {str(path)!r} is {arr.shape[0]}x{arr.shape[1]} but the images are {size[0]}x{size[1]}: "
-            f"resize the mask (or the images) to match"
+            f"mask {str(path)!r} is {arr.shape[1]}x{arr.shape[0]} (width x height) but the images are "
+            f"{size[1]}x{size[0]}: resize the mask (or the images) to match"
         )
-    return (arr > threshold).float()[None]
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        top = float(arr.max())
+        if 0 < top <= 1 / 255 + 1e-9 and bool(((arr == 0) | (arr == top)).all()):
+            arr = arr / top  # levels 0 and 1: a 0/1 mask saved as 8- or 16-bit image
+    mask = (arr > threshold).float()[None]
+    if not bool(mask.any()):
+        warnings.warn(
+            f"mask {str(path)!r} has no known pixel (all black = all missing): white marks the known pixels",
+            stacklevel=2,
+        )
+    return mask

@@ -324,7 +324,8 @@ class RestorationDataset(Dataset):
 
     def _benchmark_item(self, key: str, x: Tensor, file: Path) -> RestorationItem:
         spec = self.spec
-        h, w = x.shape[-2:]
+        full = (int(x.shape[-2]), int(x.shape[-1]))
+        h, w = full
         if self.crop is not None:
             h, w = min(h, self.crop), min(w, self.crop)
         m = spec.size_multiple
@@ -342,13 +343,18 @@ class RestorationDataset(Dataset):
         h, w = h - h % m, w - w % m
         x = _center_crop(x, h, w).contiguous()
         with _one_thread():
-            params = synthesize_params(spec, key, h, w, self.seed)
+            params = synthesize_params(spec, key, h, w, self.seed, full)
             y = degrade(spec, x, params, image_generator(self.seed, key, "noise"))
         return RestorationItem(key, y, x, params, (h, w))
 
     def _check(self, item: RestorationItem, file: Path) -> None:
-        """What the sampler would refuse, checked per image: the operator must take ``y`` (sizes of kernel
-        and mask, non-finite values)."""
+        """What the sampler would refuse, checked per image: the prior's channels, and the operator must take
+        ``y`` (sizes of kernel and mask, non-finite values)."""
+        if item.y.shape[0] != self.channels:
+            raise ValueError(
+                f"image {str(file)!r} was read with {item.y.shape[0]} channels but the prior takes {self.channels}: "
+                f"convert it to {'grey' if self.channels == 1 else 'RGB'} (e.g. as a PNG)"
+            )
         op = build_operator(self.spec, {k: v[None] for k, v in item.params.items()})
         try:
             op.check(item.y[None].float())
@@ -408,6 +414,11 @@ class RestorationDataModule(L.LightningDataModule):
             raise ValueError(f"limit must be at least 1 (the number of images to restore) or null for all, got {limit}")
         if crop is not None and crop < 1:
             raise ValueError(f"crop must be a positive size in pixels or null (no crop), got {crop}")
+        if crop is not None and mode == "real":
+            warnings.warn(
+                "data.crop applies to benchmark mode only: real measurements are restored whole (crop them first)",
+                stacklevel=2,
+            )
         self.images, self.mode = images, mode
         self.degradation = degradation if degradation is not None else Degradation()
         self.truth_dir, self.seed = truth, seed
@@ -416,7 +427,9 @@ class RestorationDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.dataset: RestorationDataset | None = None
         self._keys: list[str] = []
+        self._files_of: dict[str, Path] = {}
         self._done: Callable[[str], bool] | None = None
+        self._exclude: Path | None = None
         self.save_hyperparameters(ignore=["degradation"])
         self.hparams["degradation"] = self.degradation.to_dict()
 
@@ -448,6 +461,7 @@ class RestorationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         files, keys = self._files()
         self._keys = list(keys)
+        self._files_of = dict(zip(keys, files))
         truth: dict[str, Path] = {}
         if self.truth_dir is not None:
             root = Path(self.truth_dir)
@@ -456,22 +470,46 @@ class RestorationDataModule(L.LightningDataModule):
         self.dataset = RestorationDataset(
             files, keys, self.degradation, self.mode, self._channels(), self.seed, truth, self.crop, self.max_pixels
         )
-        if self._done is not None:
-            self.skip_done(self._done)
+        if self._done is not None or self._exclude is not None:
+            self.skip_done(self._done, self._exclude)
 
-    def skip_done(self, done: Callable[[str], bool]) -> None:
+    def skip_done(self, done: Callable[[str], bool] | None, exclude: str | Path | None = None) -> None:
         """Leave out of the data set the images that ``done(key)`` reports finished (the
         :class:`~diffpir.restoration.writer.RestorationWriter` calls this from its ``setup`` with its ``is_done``),
         before a DistributedSampler splits the rest among the ranks, so that on a resume every rank gets a share of
-        what is left. :attr:`keys` still lists every requested image; applied again by a later :meth:`setup`."""
+        what is left. :attr:`keys` still lists every requested image; applied again by a later :meth:`setup`.
+
+        ``exclude``: a folder (the writer's output folder) whose images are not inputs even when it lies inside
+        ``images``: they are left out of the data set and of :attr:`keys`, so that a rerun does not restore its own
+        outputs."""
         self._done = done
+        if exclude is not None:
+            self._exclude = Path(exclude)
         ds = self.dataset
         if ds is None:
+            return
+        if self._exclude is not None and self.images is not None:
+            ex = self._exclude.resolve()
+            inside = {ds.keys[i] for i, f in enumerate(ds.files) if ex in Path(f).resolve().parents}
+            if inside:
+                log.warning(
+                    "left out %d image(s) inside the output folder %s (outputs, not inputs)", len(inside), self._exclude
+                )
+                keep = [i for i, key in enumerate(ds.keys) if key not in inside]
+                ds.files, ds.keys = [ds.files[i] for i in keep], [ds.keys[i] for i in keep]
+                self._keys = [k for k in self._keys if k not in inside]
+        if done is None:
             return
         todo = [i for i, key in enumerate(ds.keys) if not done(key)]
         if len(todo) < len(ds):
             log.info("skipping %d of %d images already restored", len(ds) - len(todo), len(self._keys))
             ds.files, ds.keys = [ds.files[i] for i in todo], [ds.keys[i] for i in todo]
+
+    def input_file(self, key: str) -> Path | None:
+        """The file image ``key`` is read from (None for an unknown key)."""
+        if self.dataset is None:
+            self.setup("predict")
+        return self._files_of.get(key)
 
     @property
     def keys(self) -> list[str]:

@@ -233,8 +233,10 @@ def check_run(spec: Degradation, mode: str) -> None:
             "--data.degradation.mask IMAGE_OR_FOLDER"
         )
     if spec.uses_kernel and spec.kernel is None and (spec.task == "deblur_motion" or spec.kernel_std_max is not None):
+        fixed = " (or --data.degradation.kernel_std_max null for the fixed Gaussian of kernel_std)"
         raise ValueError(
             f"real mode with task {spec.task!r} needs the blur kernel: --data.degradation.kernel FILE_OR_FOLDER"
+            + (fixed if spec.task != "deblur_motion" else "")
         )
 
 
@@ -271,9 +273,13 @@ def _box_geometry(spec: Degradation, h: int, w: int) -> tuple[int, int]:
     return box, margin
 
 
-def synthesize_params(spec: Degradation, key: str, h: int, w: int, seed: int) -> dict[str, Tensor]:
+def synthesize_params(
+    spec: Degradation, key: str, h: int, w: int, seed: int, full: tuple[int, int] | None = None
+) -> dict[str, Tensor]:
     """Benchmark mode: the operator parameters of one image of size ``h x w``, drawn from a generator seeded by
-    ``(seed, key, "operator")``: ``{"kernel": [kh, kw]}``, ``{"mask": [1, h, w]}`` or ``{}``."""
+    ``(seed, key, "operator")``: ``{"kernel": [kh, kw]}``, ``{"mask": [1, h, w]}`` or ``{}``. ``full``: the size
+    ``(H, W)`` of the image file when ``h x w`` is its centre crop (``data.crop``); a user mask of that size is
+    centre-cropped with it."""
     g = image_generator(seed, key, "operator")
     if spec.uses_kernel:
         return {"kernel": _kernel(spec, key, g)}
@@ -283,7 +289,7 @@ def synthesize_params(spec: Degradation, key: str, h: int, w: int, seed: int) ->
     if spec.task == "inpaint_random":
         return {"mask": random_mask(h, w, spec.missing, generator=g)}
     if spec.task == "inpaint_mask":
-        return {"mask": _load_mask(spec, key, h, w)}
+        return {"mask": _load_mask(spec, key, h, w, full)}
     return {}
 
 
@@ -306,13 +312,19 @@ def load_params(spec: Degradation, key: str, h: int, w: int) -> dict[str, Tensor
     return {}
 
 
-def _load_mask(spec: Degradation, key: str, h: int, w: int) -> Tensor:
-    """The mask of image ``key``, which must be ``w x h`` (width x height, like image viewers)."""
+def _load_mask(spec: Degradation, key: str, h: int, w: int, full: tuple[int, int] | None = None) -> Tensor:
+    """The mask of image ``key``, which must be ``w x h`` (width x height, like image viewers), or the image file's
+    size ``full`` when ``h x w`` is its centre crop (then the mask is cropped alike)."""
     path = _per_key_file(spec.mask, key, "mask")
     mask = load_mask(path)
+    mh, mw = mask.shape[-2:]
+    if full is not None and (mh, mw) == tuple(full) and (mh, mw) != (h, w):
+        top, left = (mh - h) // 2, (mw - w) // 2  # the image's centre crop (data.crop)
+        mask = mask[..., top : top + h, left : left + w].contiguous()
     if tuple(mask.shape[-2:]) != (h, w):
+        cropped = f" (its centre crop: data.crop; the file is {full[1]}x{full[0]})" if full and full != (h, w) else ""
         raise ValueError(
-            f"mask {str(path)!r} is {mask.shape[-1]}x{mask.shape[-2]} (width x height) but the image is {w}x{h}: "
+            f"mask {str(path)!r} is {mw}x{mh} (width x height) but the image is {w}x{h}{cropped}: "
             f"resize the mask (or the image) to match"
         )
     return mask

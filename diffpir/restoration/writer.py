@@ -22,15 +22,20 @@ dead diffpir processes in its own folders (not recursively, never those of a liv
 Nothing is written through a symbolic link: the part files are opened with ``O_NOFOLLOW`` and a sub-folder that is a
 link stops the run. Rows are appended to the part files with ``write`` calls checked for short writes (a line that a
 crash still cut short is skipped when reading, and the next run starts on a fresh line). An image counts as done when
-all its requested PNGs exist and its metrics row does; the data module leaves done images out (told by the writer's
-``setup``), so a rerun only restores what is missing (an image whose row was lost is restored again), and restores
-it exactly as an uninterrupted run would (per-image generators). A metrics row is appended before the PNGs are
-written.
+all its requested PNGs exist and its metrics row does (for the same input file); the data module leaves done images
+out (told by the writer's ``setup``), so a rerun only restores what is missing (an image whose row was lost is
+restored again), and restores it exactly as an uninterrupted run would (per-image generators). A metrics row is
+appended before the PNGs are written.
 
 Settings: ``settings.json`` records the module's and the data's settings (those that change the outputs; the prior
 file by its SHA-256). A rerun with the same settings resumes; a rerun with other settings is refused before anything
 is written (:meth:`RestorationWriter.check_settings`), naming what differs, so a folder never mixes or misreports
-settings.
+settings (``overwrite`` does not lift it). A folder that holds no restoration yet (its first run failed before one,
+e.g. on a mistyped path) takes the new settings.
+
+Inputs: each metrics row records the SHA-256 of the image file it was restored from; an image whose file has changed
+since (another photo under the same name) is restored again. Images inside ``output_dir`` are never inputs, even when
+it lies inside the image folder.
 
 Failures: images the data module could not prepare (see :mod:`diffpir.restoration.data`) arrive in
 ``batch.failures``, and any prediction carrying an ``"error"`` is one too. Each is logged (file and reason) and
@@ -70,7 +75,7 @@ from diffpir.checkpoints import atomic_output
 from diffpir.io import remove_temp_files, safe_output_name, write_png_atomic
 from diffpir.restoration.data import RestorationDataModule
 
-SUBDIRS = ("restored", "degraded", "grid", "metrics")
+SUBDIRS = ("restored", "degraded", "grid", "metrics", "kernels")
 """The writer's sub-folders of ``output_dir``."""
 SETTINGS_FILE = "settings.json"
 UNRECORDED = {"model": ("show_steps", "tile_batch"), "data": ("batch_size", "num_workers", "limit", "images", "truth")}
@@ -328,13 +333,16 @@ class RestorationWriter(BasePredictionWriter):
     ):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: choose a folder")
         self.save_degraded = save_degraded
         self.save_grid = save_grid
         self.overwrite = overwrite
         self.summary: dict[str, Any] | None = None
         self.failed = 0  # images that could not be restored (after on_predict_end, on every rank)
         self.missing = 0  # requested images neither restored nor failed (after on_predict_end, on every rank)
-        self._rows: set[str] | None = None  # keys with a metrics row (read from the part files once)
+        self._rows: dict[str, str | None] | None = None  # key -> input SHA-256 of the keys with a metrics row
+        self._data: RestorationDataModule | None = None  # where the input files are (set in setup)
         self._started = False  # on_predict_start ran (else teardown merges: every image was done)
 
     # -- paths ------------------------------------------------------------------------------------------------
@@ -346,16 +354,43 @@ class RestorationWriter(BasePredictionWriter):
         return [k for k, on in (("degraded", self.save_degraded), ("grid", self.save_grid)) if on] + ["restored"]
 
     def is_done(self, key: str) -> bool:
-        """True when every requested output of ``key`` exists, its metrics row too (and ``overwrite`` is off)."""
+        """True when every requested output of ``key`` exists, its metrics row too (and ``overwrite`` is off), and
+        its input file is the one it was restored from (same SHA-256; rows written before the digest was recorded
+        count as the same)."""
         if self.overwrite or not all(self.path(kind, key).is_file() for kind in self._kinds()):
             return False
         if self._rows is None:
             self._load_rows()
-        return key in self._rows
+        if key not in self._rows:
+            return False
+        recorded = self._rows[key]
+        now = self._input_digest(key) if recorded else None
+        if now is not None and now != recorded:
+            log.info(
+                "%s changed since it was restored into %s: restoring it again", self._input_name(key), self.output_dir
+            )
+            return False
+        return True
+
+    def _input_name(self, key: str) -> str:
+        file = self._data.input_file(key) if self._data is not None else None
+        return str(file) if file is not None else key
+
+    def _input_digest(self, key: str) -> str | None:
+        """SHA-256 of the file image ``key`` is read from (None when unknown: no data module, or a prior file of
+        the Python API)."""
+        file = self._data.input_file(key) if self._data is not None else None
+        if file is None:
+            return None
+        try:
+            st = os.stat(file)
+            return _sha256(str(Path(file).resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
 
     def _load_rows(self) -> None:
         latest = read_metric_rows(self.output_dir / "metrics")
-        self._rows = {k for k, r in latest.items() if r.get("status") != FAILED}
+        self._rows = {k: r.get("input_sha256") for k, r in latest.items() if r.get("status") != FAILED}
 
     # -- settings -----------------------------------------------------------------------------------------------
     def check_settings(self, pl_module: Any, datamodule: Any | None = None, write: bool = True) -> dict[str, Any]:
@@ -394,17 +429,29 @@ class RestorationWriter(BasePredictionWriter):
                 self._refuse(source, diffs)
         if recorded is not None:
             diffs = _differences(recorded, settings)
-            if diffs:
+            if diffs and self._holds_restorations():
                 self._refuse(source, diffs)
-        elif write:
+            if diffs:  # nothing restored under the old settings (a run that failed early): they go
+                log.info("%s held no restorations: its settings are replaced (%s)", self.output_dir, diffs[0])
+                recorded = None
+        if recorded is None and write:
             write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return settings
+
+    def _holds_restorations(self) -> bool:
+        """Whether the folder holds a restored image or a metrics row of one (failures alone do not count)."""
+        restored = self.output_dir / "restored"
+        if restored.is_dir() and any(p.suffix == ".png" for p in restored.iterdir()):
+            return True
+        rows = read_metric_rows(self.output_dir / "metrics") if (self.output_dir / "metrics").is_dir() else {}
+        return any(r.get("status") != FAILED for r in rows.values())
 
     def _refuse(self, source: Path, diffs: list[str]) -> None:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise ValueError(
             f"the output folder {self.output_dir} holds restorations made with other settings ({shown}; see "
-            f"{source}): run with the same settings to resume it, or choose another --writer.output_dir"
+            f"{source}): run with the same settings to resume it, or choose another --writer.output_dir "
+            f"(--writer.overwrite does not lift this: a folder never mixes settings)"
         )
 
     # -- writing ----------------------------------------------------------------------------------------------
@@ -421,9 +468,12 @@ class RestorationWriter(BasePredictionWriter):
             "rank": trainer.global_rank,
             "written": time.time(),
         }
+        digest = self._input_digest(str(item["key"]))
+        if digest is not None:
+            row["input_sha256"] = digest
         _append_line(self._part(trainer), json.dumps(row))
         if self._rows is not None:
-            self._rows.add(str(item["key"]))
+            self._rows[str(item["key"])] = digest
 
     def write_failure(self, trainer: L.Trainer, key: str, file: str, reason: str) -> None:
         """Record that ``key`` (input ``file``) could not be restored, and why (logged and appended as a
@@ -491,7 +541,8 @@ class RestorationWriter(BasePredictionWriter):
         # the folder's settings first: a run with other settings is refused even when every image looks done
         self.check_settings(pl_module, trainer.datamodule, write=trainer.is_global_zero)
         if isinstance(trainer.datamodule, RestorationDataModule):
-            trainer.datamodule.skip_done(self.is_done)
+            self._data = trainer.datamodule
+            trainer.datamodule.skip_done(self.is_done, exclude=self.output_dir)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """When every image was done already, Lightning runs no prediction (nor ``on_predict_end``): merge and
