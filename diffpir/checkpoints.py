@@ -28,6 +28,7 @@ from diffpir.io import atomic_output, temp_owner
 
 __all__ = [
     "CKPT_KEYWORDS",
+    "GuardedCheckpointLoader",
     "atomic_output",
     "atomic_save",
     "check_ckpt_args",
@@ -106,7 +107,10 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: MapLocation = "c
     if kind not in ("torch_zip", "pickle"):
         raise ValueError(f"{path} is not a torch checkpoint (its first bytes look like: {kind})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # An open file, not the path: torch.load picks its safetensors reader by the name alone (a ``.safetensors``
+        # suffix), and the contents have just been found to be a torch file.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         if "Weights only load failed" not in str(err):
@@ -156,23 +160,33 @@ def check_ckpt_args(ckpt_path: Any, weights_only: Any = None) -> None:
     local_file(ckpt_path, "ckpt_path")
 
 
+class GuardedCheckpointLoader:
+    """A strategy's ``load_checkpoint`` that reads a ``ckpt_path`` only as a local regular file and only with
+    ``torch.load(weights_only=True)`` (:func:`safe_torch_load`), whatever ``weights_only`` it is asked for.
+
+    A module-level class, so that a strategy holding one still pickles (``ddp_spawn`` sends the trainer to the
+    processes it starts, and each of them loads through the same guard)."""
+
+    def __call__(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        ckpt = safe_torch_load(local_file(checkpoint_path, "ckpt_path"), map_location="cpu")
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{checkpoint_path} is not a Lightning checkpoint (a dict)")
+        return ckpt
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def guard_checkpoint_loading(trainer: Any) -> Any:
     """Make ``trainer`` load checkpoints (``fit/validate/test/predict(ckpt_path=...)``, including ``last``, ``best``,
     ``hpc`` once resolved) only from local regular files and only with ``torch.load(weights_only=True)``, whatever
     ``weights_only`` it is asked for. Returns ``trainer``.
 
     Lightning hands a ``ckpt_path`` to ``trainer.strategy.load_checkpoint``, which would open URLs through fsspec and
-    load ``http(s)`` ones with ``weights_only=False``; this replaces that method on the trainer's strategy.
+    load ``http(s)`` ones with ``weights_only=False``; this replaces that method on the trainer's strategy with a
+    :class:`GuardedCheckpointLoader` (picklable: the guard travels with the strategy to ``ddp_spawn``'s processes).
     """
-    strategy = trainer.strategy
-
-    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        ckpt = safe_torch_load(local_file(checkpoint_path, "ckpt_path"), map_location="cpu")
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{checkpoint_path} is not a Lightning checkpoint (a dict)")
-        return ckpt
-
-    strategy.load_checkpoint = load_checkpoint
+    trainer.strategy.load_checkpoint = GuardedCheckpointLoader()
     return trainer
 
 

@@ -101,6 +101,30 @@ def test_a_file_that_breaks_after_the_check_is_replaced_and_named(tmp_path, capl
     assert ds.bad_files == [str(folder / "img01.png")] and "img01.png" in caplog.text
 
 
+def test_an_undersized_image_without_the_check_is_skipped_and_named(tmp_path, caplog, monkeypatch):
+    """``check_images: false``: an image smaller than the crop, found during the run, is skipped like an unreadable
+    file (the docs' promise), not a ValueError in the middle of the fit."""
+    folder = _good_images(tmp_path / "data", 5)
+    Image.fromarray(_rgb(8, 20)).save(folder / "img02.png")  # 8 px < crop 16
+    ds = ImageCropDataset(sorted(folder.iterdir()), crop_size=16, check=False)
+    with caplog.at_level(logging.WARNING):
+        crops = [ds[i] for i in range(len(ds))]
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    assert torch.equal(crops[2], crops[3])  # the small image's item is replaced by the next one
+    assert ds.bad_files == [str(folder / "img02.png")]
+    assert "img02.png is 8x8, smaller than crop_size=16" in caplog.text and "skipping it" in caplog.text
+    # through the console script's options: the fit runs its steps
+    monkeypatch.chdir(tmp_path)
+    cli_main([*_fit_args(folder, 3), "--data.check_images", "false", "--data.val_fraction", "0"])
+    assert _step_of(tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt") == 3
+    # and when no image is usable, one message says so
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(_rgb(8, 21)).save(small / "a.png")
+    with pytest.raises(ValueError, match="no image could be used .* smaller than crop_size=16"):
+        ImageCropDataset([small / "a.png"], crop_size=16, check=False)[0]
+
+
 def test_a_folder_of_only_bad_files_fails_clearly(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

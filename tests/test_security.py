@@ -335,6 +335,72 @@ def test_guarded_trainer_loads_with_weights_only_whatever_it_is_asked(evil_site)
     assert not evil_site.marker.exists()
 
 
+def test_guarded_strategy_pickles_for_ddp_spawn_and_stays_guarded(evil_site):
+    """ddp_spawn pickles the trainer (its strategy included) into the processes it starts: the guard must pickle, and
+    the copy each process loads with must still refuse what the original refuses."""
+    import pickle
+
+    from diffpir.checkpoints import GuardedCheckpointLoader, guard_checkpoint_loading
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False, enable_checkpointing=False)
+    guard_checkpoint_loading(trainer)
+    copy = pickle.loads(pickle.dumps(trainer.strategy))
+    assert isinstance(copy.load_checkpoint, GuardedCheckpointLoader)
+    for weights_only in (False, None):
+        with pytest.raises(ValueError, match="refused to load"):
+            copy.load_checkpoint(str(evil_site.path), weights_only=weights_only)
+    with pytest.raises(ValueError, match="is a URL"):
+        copy.load_checkpoint(evil_site.url, weights_only=False)
+    assert not evil_site.marker.exists()
+
+
+@pytest.mark.parametrize("option", ["export", "--model.init_from", "--ckpt_path"])
+def test_torch_files_named_safetensors_are_read_by_their_contents(option, tmp_path, capsys, monkeypatch):
+    """torch.load picks its safetensors reader by the name alone: a checkpoint named ``.safetensors`` loads (by its
+    contents, still weights-only), and a pickle named so is refused with one line, never a SafetensorError."""
+    from diffpir.cli.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["diffpir-train"])
+    data = _train_images(tmp_path / "data")
+    fit = ["fit", "--config", str(SMOKE), "--data.data_dir", str(data), "--data.crop_size", "16"]
+    train_main([*fit, "--trainer.max_steps", "1"])
+    ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    named = tmp_path / "ckpt.safetensors"
+    shutil.copy(ckpt, named)
+    marker = tmp_path / "ran"
+    evil = _evil_ckpt(tmp_path / "evil.safetensors", marker)
+    spec = torch.load(ckpt, weights_only=True)["diffpir_prior"]["state_dict"]
+
+    def run(path: Path) -> Path:
+        """``option`` given ``path``; returns the file the run writes."""
+        if option == "export":
+            train_main(["export", "--ckpt", str(path), "--out", str(tmp_path / "out.safetensors")])
+            return tmp_path / "out.safetensors"
+        if option == "--ckpt_path":  # resume the run to step 2
+            train_main([*fit, "--ckpt_path", str(path), "--trainer.max_steps", "2"])
+            return ckpt
+        name = f"from_{path.stem}"  # a new run from the file's weights (lr 0: they stay as loaded)
+        train_main([*fit, "--model.init_from", str(path), "--model.lr", "0", "--trainer.logger.init_args.name", name])
+        return tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
+
+    out = run(named)
+    if option == "export":
+        assert torch.equal(load_prior(out).net.out[2].weight, spec["out.2.weight"])
+    elif option == "--ckpt_path":
+        assert torch.load(out, weights_only=True)["global_step"] == 2
+    else:
+        assert torch.equal(torch.load(out, weights_only=True)["state_dict"]["net.out.2.weight"], spec["out.2.weight"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run(evil)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "refused to load" in err and "GLOBAL os.makedirs" in err, err[-2000:]
+    assert "Traceback" not in err and "SafetensorError" not in err and "header too large" not in err, err[-2000:]
+    _one_line_error(err, "diffpir-train")
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3, 15. Hostile and broken prior files
 # ---------------------------------------------------------------------------------------------------------

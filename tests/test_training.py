@@ -426,12 +426,12 @@ def test_init_from_loads_a_prior_and_restarts_the_ema(tmp_path: Path):
     source = tiny_net(seed=11)
     path = export_prior(source, None, tmp_path / "p.safetensors")
     module = DiffusionModule(build_unet("tiny"), init_from=str(path))
-    module.setup("fit")
+    module.on_fit_start()  # loaded at the start of a fit (setup() comes before Lightning restores a checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(module.net.state_dict().values(), source.state_dict().values()))
     assert torch.equal(module.ema.module.out[2].weight, source.out[2].weight) and module.ema.count == 0
     wrong = DiffusionModule(build_unet("small"), init_from=str(path))
     with pytest.raises(ValueError, match="does not fit the training network"):
-        wrong.setup("fit")
+        wrong.on_fit_start()
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
@@ -439,11 +439,12 @@ def test_cli_fit_smoke_config_then_export(images: Path, tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     cli_main(
         ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--data.data_dir", str(images), "--data.crop_size", "16"]
-        + ["--trainer.max_steps", "2"]
+        + ["--trainer.max_steps", "3"]
     )
     ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    # smoke.yaml saves every 2 steps, and diffpir's ModelCheckpoint the final step too (Lightning's would keep step 2)
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
     assert list((tmp_path / "runs" / "smoke").glob("version_*/samples/*.png"))
     cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "p.safetensors"), "--fp16"])
     prior = load_prior(tmp_path / "p.safetensors")
@@ -452,9 +453,187 @@ def test_cli_fit_smoke_config_then_export(images: Path, tmp_path: Path, monkeypa
     # Resume continues the step count.
     cli_main(
         ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--data.data_dir", str(images), "--data.crop_size", "16"]
-        + ["--trainer.max_steps", "3", "--ckpt_path", "last"]
+        + ["--trainer.max_steps", "4", "--ckpt_path", "last"]
     )
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+
+
+def _smoke(images: Path, *extra: str, subcommand: str = "fit") -> list[str]:
+    """``diffpir-train`` arguments of a smoke.yaml run on ``images`` (16 px crops: 2 steps an epoch on 6 images)."""
+    args = [subcommand, "--config", str(CONFIGS / "smoke.yaml"), "--data.data_dir", str(images)]
+    return [*args, "--data.crop_size", "16", *extra]
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    """The one-line error ``diffpir-train`` exits with (status 1, no traceback)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("diffpir-train: error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def _last(tmp_path: Path, name: str = "smoke") -> dict:
+    return torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_fine_tune_starts_from_init_from_and_a_resume_never_reads_it_again(images: Path, tmp_path: Path, monkeypatch):
+    """A fresh fit loads init_from before its first step (lr 0: the trained weights stay the prior's); the resume of
+    that run restores the checkpoint and does not read init_from, which may have moved away since."""
+    monkeypatch.chdir(tmp_path)
+    source = tiny_net(seed=11)
+    prior = export_prior(source, None, tmp_path / "p.safetensors")
+    cli_main(_smoke(images, "--model.init_from", str(prior), "--model.lr", "0", "--trainer.max_steps", "1"))
+    ckpt = _last(tmp_path)
+    assert ckpt["global_step"] == 1
+    for k, v in source.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][f"net.{k}"], v), k
+        assert torch.equal(ckpt["state_dict"][f"ema.module.{k}"], v), k
+    prior.rename(tmp_path / "moved.safetensors")
+    cli_main(_smoke(images, "--model.init_from", str(prior), "--trainer.max_steps", "3", "--ckpt_path", "last"))
+    resumed = _last(tmp_path)
+    assert resumed["global_step"] == 3
+    assert not torch.equal(resumed["state_dict"]["net.out.2.weight"], source.out[2].weight)  # lr 1e-3 from step 1
+    # The Python API: trainer.fit(ckpt_path=...) does not read init_from either.
+    module = DiffusionModule(build_unet("tiny"), init_from=str(prior), ema_decay=0.99)
+    trainer = quiet_trainer(max_steps=4)
+    trainer.fit(module, _dm(images), ckpt_path=str(tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize("case", ["prediction", "schedule", "plain_state_dict"])
+def test_init_from_mismatches_are_one_line_errors_naming_the_flag(
+    case, images: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """A v-prior into an eps run, a prior of another schedule, a state dict without a preset: refused before any step,
+    with the flag a diffpir-train user passes."""
+    from diffpir.prior import Prior
+
+    monkeypatch.chdir(tmp_path)
+    net = tiny_net(seed=5)
+    if case == "prediction":
+        path = export_prior(Prior(net, NoiseSchedule.linear(), prediction="v"), None, tmp_path / "v.safetensors")
+        says = "is a v-prediction prior and this run trains eps-prediction: pass --model.prediction v"
+    elif case == "schedule":
+        path = export_prior(net, NoiseSchedule.linear(500, 1e-4, 0.04), tmp_path / "t500.safetensors")
+        says = (
+            "another noise schedule (linear, T=500, betas 0.0001-0.04) than this run's (linear, T=1000, betas "
+            "0.0001-0.02): pass --model.num_timesteps 500 --model.beta_start 0.0001 --model.beta_end 0.04"
+        )
+    else:
+        path = tmp_path / "plain.pt"
+        torch.save({"w": torch.zeros(2)}, path)
+        says = "plain state dict that matches no UNet preset; pass --model.init_preset NAME (known:"
+    err = _cli_error(_smoke(images, "--model.init_from", str(path), "--trainer.max_steps", "1"), capsys)
+    assert says in err, err
+    if case != "plain_state_dict":
+        assert f"init_from={str(path)!r}" in err, err
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped before any step
+    if case == "prediction":  # with the flag it fine-tunes, as a v-prior
+        cli_main(_smoke(images, "--model.init_from", str(path), "--model.prediction", "v", "--trainer.max_steps", "1"))
+        ckpt = _last(tmp_path)
+        assert ckpt["global_step"] == 1 and ckpt["diffpir_prior"]["prediction"] == "v"
+
+
+def test_resume_with_another_network_or_without_ema_names_the_difference(
+    images: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(_smoke(images, "--trainer.max_steps", "1"))
+    before = (tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt").read_bytes()
+    resume = ["--trainer.max_steps", "2", "--ckpt_path", "last"]
+    err = _cli_error(_smoke(images, *resume, "--model.ema_decay", "null"), capsys)
+    assert "does not fit this run's model: the checkpoint has EMA weights and this run none" in err, err
+    assert "use the checkpoint's settings (--model.ema_decay 0.99) to resume it" in err, err
+    assert "--trainer.logger.init_args.name NEW_NAME" in err and "size mismatch" not in err, err
+    digits = ["--model.net.init_args.preset_or_config", "digits", "--data.channels", "1"]
+    err = _cli_error(_smoke(images, *resume, *digits), capsys)
+    assert "the checkpoint's network (the 'tiny' UNet) is not this run's (the 'digits' UNet)" in err, err
+    assert "(--model.net.init_args.preset_or_config tiny --data.channels 3)" in err, err
+    assert (tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt").read_bytes() == before
+    # another target or schedule: the weights would load, and the run would go on learning something else
+    err = _cli_error(_smoke(images, *resume, "--model.prediction", "v", "--model.beta_end", "0.01"), capsys)
+    assert "trained for another target or noise schedule" in err, err
+    assert "(--model.prediction eps --model.beta_end 0.02) to resume it" in err, err
+    assert (tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt").read_bytes() == before
+    # validate --ckpt_path too (and it has no run to start instead)
+    err = _cli_error(_smoke(images, "--ckpt_path", "last", "--model.ema_decay", "null", subcommand="validate"), capsys)
+    assert "the checkpoint has EMA weights" in err and "NEW_NAME" not in err, err
+
+
+def _val_metrics(args: list[str]) -> dict[str, float]:
+    from diffpir.cli.train import build_cli
+
+    cli = build_cli(args)
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
+def test_validate_with_init_from_validates_that_prior(images: Path, tmp_path: Path, monkeypatch):
+    """``validate --model.init_from P`` scores P's weights: the same metrics as validating the checkpoint P was
+    exported from, not those of the untrained network."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(_smoke(images, "--trainer.max_steps", "2"))
+    ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "p.safetensors")])
+    of_ckpt = _val_metrics(_smoke(images, "--ckpt_path", str(ckpt), subcommand="validate"))
+    of_prior = _val_metrics(_smoke(images, "--model.init_from", str(tmp_path / "p.safetensors"), subcommand="validate"))
+    untrained = _val_metrics(_smoke(images, subcommand="validate"))
+    assert {"val/loss", "val/psnr_sigma25"} <= of_ckpt.keys()
+    assert of_prior == of_ckpt
+    assert untrained["val/loss"] != of_ckpt["val/loss"]
+
+
+def test_cli_offers_fit_validate_and_export_only(images: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["diffpir-train"])
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "{fit,validate}" in out, out
+    assert "predict" not in out and "test" not in out, out
+    for sub in ("test", "predict"):
+        with pytest.raises(SystemExit) as info:
+            cli_main(_smoke(images, subcommand=sub))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"invalid choice: '{sub}'" in err and "Traceback" not in err, err[-1000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_export_never_overwrites_the_checkpoint_or_another_kind_of_file(
+    images: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(_smoke(images, "--trainer.max_steps", "1"))
+    ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    for out in (str(ckpt), "runs/smoke/checkpoints/../checkpoints/last.ckpt"):
+        err = _cli_error(["export", "--ckpt", str(ckpt), "--out", out], capsys)
+        assert "is the file being exported (--ckpt)" in err and "e.g. " in err and "last.safetensors" in err, err
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(data)
+    err = _cli_error(["export", "--ckpt", str(ckpt), "--out", str(other)], capsys)
+    assert "already exists and is not a safetensors prior" in err, err
+    assert _cli_error(["export", "--ckpt", str(ckpt), "--out", str(tmp_path)], capsys).endswith("prior.safetensors'")
+    assert ckpt.read_bytes() == data and other.read_bytes() == data
+    # an earlier export is replaced
+    out = tmp_path / "p.safetensors"
+    cli_main(["export", "--ckpt", str(ckpt), "--out", str(out), "--fp16"])
+    cli_main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    spec = torch.load(ckpt, weights_only=True)["diffpir_prior"]
+    assert torch.equal(load_prior(out).net.out[2].weight, spec["state_dict"]["out.2.weight"])  # fp32 again
+
+
+def test_data_messages_and_docs_name_every_readable_image_type(tmp_path: Path):
+    from diffpir.io import IMAGE_SUFFIXES
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images") as info:
+        ImageFolderDataModule(str(tmp_path / "empty")).setup("fit")
+    assert f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})" in str(info.value)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert f"`{' '.join(IMAGE_SUFFIXES)}`" in docs  # the Data section lists what is read
 
 
 # -- DDP ------------------------------------------------------------------------------------------------------
@@ -468,6 +647,23 @@ def test_ddp_two_cpu_processes(images: Path):
     assert int(module.ema.num_updates) == 2
     assert not torch.equal(module.ema.module.out[2].weight, tiny_net().out[2].weight)
     assert {"train/loss", "val/loss", "val/psnr_sigma25"} <= set(trainer.callback_metrics)
+
+
+@pytest.mark.slow
+def test_cli_ddp_spawn_fine_tunes_and_resumes_through_the_guarded_loader(images: Path, tmp_path: Path, monkeypatch):
+    """``--trainer.strategy ddp_spawn`` pickles the trainer, its guarded checkpoint loader included, into the process
+    it starts: init_from is loaded there before the first step, and the resume loads last.ckpt there (init_from,
+    deleted meanwhile, is not read). One device, so two short spawns."""
+    monkeypatch.chdir(tmp_path)
+    source = tiny_net(seed=13)
+    prior = export_prior(source, None, tmp_path / "p.safetensors")
+    spawn = ["--trainer.strategy", "ddp_spawn", "--model.init_from", str(prior)]
+    cli_main(_smoke(images, *spawn, "--model.lr", "0", "--trainer.max_steps", "1"))
+    ckpt = _last(tmp_path)
+    assert ckpt["global_step"] == 1 and torch.equal(ckpt["state_dict"]["net.out.2.weight"], source.out[2].weight)
+    prior.unlink()
+    cli_main(_smoke(images, *spawn, "--trainer.max_steps", "2", "--ckpt_path", "last"))
+    assert _last(tmp_path)["global_step"] == 2
 
 
 def test_lr_factor_warms_up_holds_then_cools_down_to_zero():

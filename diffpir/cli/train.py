@@ -7,7 +7,8 @@ Usage::
     diffpir-train validate --config configs/train/digits.yaml --ckpt_path runs/digits/checkpoints/last.ckpt
     diffpir-train export --ckpt runs/digits/checkpoints/last.ckpt --out priors/digits.safetensors [--fp16]
 
-``export`` is handled here; every other subcommand goes to :class:`lightning.pytorch.cli.LightningCLI`.
+``export`` is handled here; ``fit`` and ``validate`` go to :class:`lightning.pytorch.cli.LightningCLI` (its ``test``
+and ``predict`` are left out: a prior has no test or predict step).
 
 Checkpoints are loaded from local files only and never in a way that runs code, whatever a flag or a config says:
 ``ckpt_path`` must be ``last``, ``best``, ``hpc`` or a local regular file (URLs, ``file://`` and FIFOs are refused
@@ -18,6 +19,7 @@ before anything is built), ``weights_only: false`` is refused, and the trainer l
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import zipfile
@@ -30,7 +32,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, guard_checkpoint_loading
+from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, file_kind, guard_checkpoint_loading
 from diffpir.cli.common import (
     install_stop_watchdog,
     progress_bars_wanted,
@@ -58,6 +60,12 @@ class DiffpirCLI(LightningCLI):
     Extra option: ``--num_threads N`` sets ``torch.set_num_threads(N)`` before anything is built (0: torch's
     default). On a CPU shared with other jobs, 1 thread can be several times faster than oversubscribing.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate`` only: the module has no ``test_step`` or ``predict_step``, so Lightning's ``test``
+        and ``predict`` could only fail (``export`` is handled before this parser)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -166,11 +174,39 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs) -> 
     )
 
 
+def check_export_paths(ckpt: str, out: str) -> None:
+    """Refuse an ``--out`` that would replace something other than an earlier export: the ``--ckpt`` file itself
+    (the training checkpoint would be lost), a folder, or an existing file that is not a safetensors file (a
+    checkpoint, an image, ...). An existing safetensors file is replaced (a new export of the same prior)."""
+    out_path = Path(out)
+    if not out_path.exists():  # nothing to replace (a link is resolved: atomic_output handles links)
+        return
+    if out_path.is_dir():
+        raise ValueError(
+            f"--out {out!r} is a folder: give the file to write, e.g. {str(out_path / 'prior.safetensors')!r}"
+        )
+    if os.path.exists(ckpt) and os.path.samefile(out_path, ckpt):
+        other = out_path.with_suffix(".safetensors")
+        hint = f", e.g. {str(other)!r}" if other.name != out_path.name else ""
+        raise ValueError(
+            f"--out {out!r} is the file being exported (--ckpt): it would be overwritten; write the prior to another "
+            f"file{hint}"
+        )
+    kind = file_kind(out_path)
+    if kind != "safetensors":
+        raise ValueError(
+            f"--out {out!r} already exists and is not a safetensors prior (its first bytes look like: {kind}): export "
+            f"would overwrite it; choose another file name, or move that file away first"
+        )
+
+
 def export(ckpt: str, out: str, fp16: bool = False) -> Path:
     """Write the EMA weights of a training checkpoint (or any prior :func:`diffpir.priorfile.load_prior` reads) as
-    a safetensors prior file; returns its path."""
+    a safetensors prior file; returns its path. ``out`` may replace an earlier safetensors export, never the
+    checkpoint or another kind of file (:func:`check_export_paths`)."""
     from diffpir.priorfile import export_prior, load_prior
 
+    check_export_paths(ckpt, out)
     prior = load_prior(ckpt)
     return export_prior(prior, None, out, dtype=torch.float16 if fp16 else None)
 
@@ -183,7 +219,13 @@ def export_main(argv: Sequence[str]) -> Path:
     parser.add_argument(
         "--ckpt", type=str, required=True, help="Lightning checkpoint (.ckpt) written by diffpir-train fit"
     )
-    parser.add_argument("--out", type=str, required=True, help="output path, e.g. priors/natural.safetensors")
+    parser.add_argument(
+        "--out",
+        type=str,
+        required=True,
+        help="output path, e.g. priors/natural.safetensors (never the --ckpt file; an existing file only if it is an "
+        "earlier safetensors export)",
+    )
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
     ns = parser.parse_args(list(argv))
     path = export(ns.ckpt, ns.out, ns.fp16)

@@ -26,11 +26,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from diffpir.io import IMAGE_SUFFIXES, read_image
 from diffpir.io import list_image_files as list_images
-from diffpir.io import read_image
 from diffpir.seeding import mix_seed
 
 log = logging.getLogger(__name__)
+
+IMAGE_KINDS = ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+"""The image file types the training data is read from (:data:`diffpir.io.IMAGE_SUFFIXES`), for messages."""
 
 
 class ImageCropDataset(Dataset):
@@ -53,8 +56,8 @@ class ImageCropDataset(Dataset):
         cache: keep the decoded images in memory (uint8; decoded once, in the process that builds the dataset,
             then shared with forked workers). Worth it for a few dozen large photos cropped many times an epoch.
         check: decode every file at construction to drop unreadable ones and to fail early on images too small
-            for the crop (always done when ``cache``). Without it, a file that fails later is replaced by the
-            next item and a warning names it.
+            for the crop (always done when ``cache``). Without it, a file that fails later (unreadable, or smaller
+            than the crop) is replaced by the next item and a warning names it.
     """
 
     def __init__(
@@ -142,7 +145,13 @@ class ImageCropDataset(Dataset):
         img = self._try_read(self.files[i])
         if img is None:
             raise OSError(f"cannot read {self.files[i]}")
-        self._check_size(self.files[i], img)
+        try:
+            self._check_size(self.files[i], img)
+        except ValueError as err:  # not checked at construction (check=False): skipped like an unreadable file
+            log.warning("%s; skipping it", err)
+            if self.files[i] not in self.bad_files:
+                self.bad_files.append(self.files[i])
+            raise OSError(str(err)) from None
         return img
 
     # -- items --------------------------------------------------------------------------------------------------
@@ -158,7 +167,10 @@ class ImageCropDataset(Dataset):
             except OSError:
                 continue
             return self._crop(img, torch.Generator().manual_seed(mix_seed(self.seed, epoch, j)))
-        raise RuntimeError(f"{self.name}: no image could be read")
+        raise ValueError(
+            f"{self.name}: no image could be used (each was unreadable or smaller than crop_size={self.crop_size}; "
+            f"the warnings name them): fix or replace the files, or lower crop_size"
+        )
 
     def _crop(self, img: Tensor, gen: torch.Generator) -> Tensor:
         """Steps 1-3 of the class docstring; ``img`` uint8 [C, H, W] -> float [C, crop, crop] in [0, 1]."""
@@ -245,7 +257,8 @@ class ResumableDataLoader(DataLoader):
 
 
 class ImageFolderDataModule(LightningDataModule):
-    """Training and validation crops from a folder of images (recursive; png, jpg, jpeg, webp).
+    """Training and validation crops from a folder of images (recursive; the file types of
+    :data:`diffpir.io.IMAGE_SUFFIXES`, :data:`IMAGE_KINDS`).
 
     Args:
         data_dir: folder of training images (searched recursively).
@@ -264,7 +277,8 @@ class ImageFolderDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the training process).
         seed: seed of the split, of the epoch orders and of every crop.
         cache_images: keep decoded images in memory (see :class:`ImageCropDataset`).
-        check_images: decode every file in ``setup`` to skip unreadable ones early.
+        check_images: decode every file in ``setup`` to skip unreadable ones and to fail on images smaller than
+            the crop early. Off, failing files (unreadable or too small) are skipped during the run, with a warning.
 
     Attributes (after ``setup``): ``train_set``, ``val_set``, ``num_skipped`` (unreadable files skipped).
     """
@@ -314,13 +328,13 @@ class ImageFolderDataModule(LightningDataModule):
         files = list_images(self.data_dir)
         if not files:
             raise ValueError(
-                f"no images (png, jpg, jpeg, webp) found under {self.data_dir!r}; put training images there "
+                f"no images ({IMAGE_KINDS}) found under {self.data_dir!r}; put training images there "
                 f"(e.g. run scripts/prepare_data.py) or point data.data_dir at an image folder"
             )
         if self.val_dir is not None:
             val = list_images(self.val_dir)
             if not val:
-                raise ValueError(f"no images (png, jpg, jpeg, webp) found under val_dir {self.val_dir!r}")
+                raise ValueError(f"no images ({IMAGE_KINDS}) found under val_dir {self.val_dir!r}")
             return files, val
         if self.val_fraction == 0:
             return files, []
@@ -434,6 +448,7 @@ class ImageFolderDataModule(LightningDataModule):
 
 
 __all__ = [
+    "IMAGE_KINDS",
     "EpochSampler",
     "ImageCropDataset",
     "ImageFolderDataModule",

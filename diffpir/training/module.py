@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -16,7 +18,7 @@ from torchmetrics import MeanMetric
 from diffpir.checkpoints import safe_torch_load
 from diffpir.models import PRESETS, UNet, build_unet
 from diffpir.prior import Prior, eps_denoise
-from diffpir.priorfile import check_unet_config, load_prior, prior_payload
+from diffpir.priorfile import check_unet_config, load_prior, prior_payload, schedule_to_dict
 from diffpir.schedule import NoiseSchedule
 from diffpir.seeding import mix_seed
 from diffpir.training.ema import EMA
@@ -52,6 +54,24 @@ def _preset_of(config: dict[str, Any] | None) -> str | None:
         except (KeyError, ValueError, TypeError):
             continue
     return None
+
+
+def _describe_schedule(schedule: NoiseSchedule) -> str:
+    """``"linear, T=1000, betas 0.0001-0.02"`` (or ``"non-linear, T=..."``) for error messages."""
+    d = schedule_to_dict(schedule)
+    if d["kind"] == "linear":
+        return f"linear, T={d['T']}, betas {d['beta_start']:g}-{d['beta_end']:g}"
+    return f"non-linear, T={schedule.T}"
+
+
+def _same_schedule(a: NoiseSchedule, b: NoiseSchedule) -> bool:
+    return a.T == b.T and bool(np.allclose(a.host("betas"), b.host("betas"), rtol=1e-9, atol=1e-12))
+
+
+def _cli_preset_hint(message: str) -> str:
+    """A :func:`~diffpir.priorfile.load_prior` message with its API hint ``preset='x'`` (or a bare ``preset=``) put
+    the way a ``diffpir-train`` user passes it: ``--model.init_preset x``."""
+    return re.sub(r"\bpreset=(?:'([^']*)')?", lambda m: f"--model.init_preset {m.group(1) or 'NAME'}", message)
 
 
 Prediction = Literal["eps", "v"]
@@ -160,8 +180,10 @@ class DiffusionModule(LightningModule):
         seed: seed of the training noise and of the validation noise.
         compile: ``torch.compile`` the network's training forward (CUDA only; ignored on CPU).
         init_from: a prior to start from (any path or name :func:`diffpir.priorfile.load_prior` accepts, e.g. an
-            official guided-diffusion ``.pt`` with ``init_preset``); loaded at the start of ``fit`` unless the fit
-            resumes from a checkpoint.
+            official guided-diffusion ``.pt`` with ``init_preset``); loaded at the start of ``fit`` (on every rank,
+            before the first step and the sanity check) or of ``validate``, unless the weights come from a checkpoint
+            (a resumed fit, ``validate --ckpt_path``, :meth:`from_checkpoint`): a resume does not read it again, so
+            the file may have moved since. Its prediction and noise schedule must be this run's (else ValueError).
         init_preset: the UNet preset of ``init_from`` when the file does not say (official ``.pt`` files).
         val_sigmas: noise levels (0-255 scale) of the one-step denoising PSNR.
         val_buckets: number of timestep buckets of the validation loss.
@@ -220,6 +242,7 @@ class DiffusionModule(LightningModule):
         self.ema = EMA(net, ema_decay, ema_warmup) if ema_decay is not None else None
         self._compiled: Callable | None = None
         self._gen: torch.Generator | None = None
+        self._weights_set = False  # the net holds init_from's weights or a checkpoint's (see _init_weights_once)
         self.val_sigmas = [float(s) for s in val_sigmas]
         T = num_timesteps
         self.bucket_edges = [(k * T // val_buckets, (k + 1) * T // val_buckets - 1) for k in range(val_buckets)]
@@ -384,17 +407,34 @@ class DiffusionModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._check_data()
-        if stage == "fit" and self.hparams.init_from:
-            if self._trainer is not None and self._trainer.ckpt_path:
-                log.info("resuming from %s: init_from is not loaded", self._trainer.ckpt_path)
-            else:
-                self.load_init_weights(self.hparams.init_from, self.hparams.init_preset)
+        if stage == "fit" and self._trainer is None:  # called by hand, outside a Trainer: nothing will be restored
+            self._init_weights_once()
         if self.hparams.compile and self._compiled is None:
             device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             if device.type == "cuda":
                 self.enable_compile()
             else:
                 log.info("compile=True ignored on %s (torch.compile is used on CUDA only)", device.type)
+
+    def on_fit_start(self) -> None:
+        # Not in setup(): Lightning restores a checkpoint (and sets trainer.ckpt_path) after setup() and before this
+        # hook, on every rank. (Strategies that restore after this hook, such as FSDP, still load init_from here;
+        # the checkpoint's weights then replace it.)
+        self._init_weights_once()
+
+    def on_validation_start(self) -> None:
+        self._init_weights_once()  # `validate` without a checkpoint; a no-op within a fit (done at its start)
+
+    def _init_weights_once(self) -> None:
+        """Load ``init_from`` into the net, unless the net already holds its weights or those of a checkpoint."""
+        if not self.hparams.init_from or self._weights_set:
+            return
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        if ckpt_path:  # restored (on_load_checkpoint normally says so first)
+            log.info("weights from %s: init_from is not loaded", ckpt_path)
+        else:
+            self.load_init_weights(self.hparams.init_from, self.hparams.init_preset)
+        self._weights_set = True
 
     def enable_compile(self) -> None:
         """Run the training forward through ``torch.compile(net)``. The compiled wrapper is kept out of the
@@ -416,8 +456,16 @@ class DiffusionModule(LightningModule):
     @torch.no_grad()
     def load_init_weights(self, source: str, preset: str | None = None) -> None:
         """Load the weights of a prior (path or name, see :func:`diffpir.priorfile.load_prior`) into the net (and
-        restart the EMA there). The prior's UNet must have the same architecture as ``net``."""
-        prior = load_prior(source, preset=preset, map_location="cpu")
+        restart the EMA there). The prior's UNet must have the same architecture as ``net``, and it must predict
+        what this module trains (``prediction``) under the same noise schedule.
+
+        :raises ValueError: another architecture, prediction or schedule (the message names the flag to pass).
+        """
+        try:
+            prior = load_prior(source, preset=preset, map_location="cpu")
+        except ValueError as err:
+            raise ValueError(_cli_preset_hint(str(err))) from None
+        self._check_init_prior(source, prior)
         src = getattr(prior, "net", prior)
         state = src.state_dict()
         try:
@@ -437,6 +485,30 @@ class DiffusionModule(LightningModule):
         if self.ema is not None:
             self.ema.copy_from(self.net)
         rank_zero_info(f"initialised the network from {source}")
+
+    def _check_init_prior(self, source: str, prior: Prior) -> None:
+        """Refuse an ``init_from`` prior trained for another target or noise schedule than this run's (its weights
+        would load, and the run would silently start by unlearning them)."""
+        mine, theirs = self.hparams.get("prediction", "eps"), getattr(prior, "prediction", "eps")
+        if theirs != mine:
+            raise ValueError(
+                f"init_from={source!r} is a {theirs}-prediction prior and this run trains {mine}-prediction: pass "
+                f"--model.prediction {theirs} to fine-tune it (or start from an {mine}-prediction prior)"
+            )
+        schedule = getattr(prior, "schedule", None)
+        if schedule is None or _same_schedule(schedule, self.schedule):
+            return
+        d = schedule_to_dict(schedule)
+        fix = (
+            f"pass --model.num_timesteps {d['T']} --model.beta_start {d['beta_start']:g} --model.beta_end "
+            f"{d['beta_end']:g}"
+            if d["kind"] == "linear"
+            else "diffpir-train trains linear schedules only: start from a prior of a linear schedule"
+        )
+        raise ValueError(
+            f"init_from={source!r} was trained with another noise schedule ({_describe_schedule(schedule)}) than "
+            f"this run's ({_describe_schedule(self.schedule)}): {fix}"
+        )
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -476,6 +548,88 @@ class DiffusionModule(LightningModule):
             self.log(f"val/psnr_sigma{sigma:g}", value, sync_dist=True)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The net now holds the checkpoint's weights (``init_from`` is not loaded). Restored by a trainer (a resume,
+        ``validate --ckpt_path``), a checkpoint whose weights do not fit this run's module is refused here with one
+        line naming what differs (Lightning's own error lists every tensor)."""
+        self._weights_set = True
+        # from_checkpoint() builds the network the file describes (it fits); strict_loading=False asks for leniency.
+        if self._trainer is not None and self.strict_loading:
+            self._check_checkpoint_fits(checkpoint)
+            self._check_checkpoint_target(checkpoint)
+
+    def _check_checkpoint_target(self, checkpoint: Mapping[str, Any]) -> None:
+        """:raises ValueError: resuming (``fit``) a checkpoint trained for another target or noise schedule: its
+        weights would load and the run would go on learning something else."""
+        hparams = checkpoint.get("hyper_parameters")
+        trainer = self._trainer
+        if not isinstance(hparams, Mapping) or trainer is None or trainer.state.fn != "fit":
+            return
+        keys = ("prediction", "num_timesteps", "beta_start", "beta_end")
+        fixes = [f"--model.{k} {hparams[k]}" for k in keys if k in hparams and hparams[k] != self.hparams.get(k)]
+        if fixes:
+            where = f" {trainer.ckpt_path}" if trainer.ckpt_path else ""
+            raise ValueError(
+                f"checkpoint{where} was trained for another target or noise schedule than this run's: use its settings "
+                f"({' '.join(fixes)}) to resume it, or start a new run with --trainer.logger.init_args.name NEW_NAME"
+            )
+
+    def _check_checkpoint_fits(self, checkpoint: Mapping[str, Any]) -> None:
+        """:raises ValueError: the checkpoint's weights have other keys or shapes than this module's (another
+        network, EMA on in one and off in the other); the message names the difference and the settings to use."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            return  # not ours to judge: Lightning reports it
+
+        def shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+            out = {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()}
+            if "ema.num_updates" in out and "ema.n_averaged" not in out:  # the former EMA layout (EMA._old_layout)
+                out["ema.n_averaged"] = out.pop("ema.num_updates")
+            return out
+
+        theirs, mine = shapes(state), shapes(self.state_dict())
+        if theirs == mine:
+            return
+        hparams = checkpoint.get("hyper_parameters")
+        hparams = hparams if isinstance(hparams, Mapping) else {}
+        differences, fixes = [], []
+
+        def part(sd: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+            return {k: v for k, v in sd.items() if k.startswith(prefix)}
+
+        if part(theirs, "net.") != part(mine, "net."):
+            entry = checkpoint.get("diffpir_prior")
+            config = entry.get("unet") if isinstance(entry, Mapping) else None
+            name = _preset_of(config) if isinstance(config, Mapping) else None
+            ours = _preset_of(getattr(self.net, "config", None))
+            differences.append(
+                f"the checkpoint's network ({f'the {name!r} UNet' if name else 'a UNet of no preset'}) is not this "
+                f"run's ({f'the {ours!r} UNet' if ours else 'a UNet of no preset'})"
+            )
+            if name:
+                fixes.append(f"--model.net.init_args.preset_or_config {name}")
+                channels = config.get("in_channels")
+                if channels is not None and channels != self.channels:
+                    fixes.append(f"--data.channels {channels}")
+        had_ema, has_ema = any(k.startswith("ema.") for k in theirs), self.ema is not None
+        if had_ema != has_ema:
+            if had_ema:
+                decay = hparams.get("ema_decay")
+                differences.append("the checkpoint has EMA weights and this run none (model.ema_decay: null)")
+                fixes.append(f"--model.ema_decay {decay if decay is not None else 'DECAY'}")
+            else:
+                differences.append("the checkpoint has no EMA weights and this run has EMA (model.ema_decay set)")
+                fixes.append("--model.ema_decay null")
+        if not differences:
+            extra = sorted(set(theirs) ^ set(mine)) or sorted(k for k in mine if theirs.get(k) != mine[k])
+            differences.append(f"its weights have other keys or shapes ({', '.join(extra[:3])})")
+        trainer = self._trainer
+        where = f" {trainer.ckpt_path}" if trainer is not None and trainer.ckpt_path else ""
+        advice = f"use the checkpoint's settings ({' '.join(fixes)})" if fixes else "use the checkpoint's settings"
+        if trainer is not None and trainer.state.fn == "fit":
+            advice += " to resume it, or start a new run with --trainer.logger.init_args.name NEW_NAME"
+        raise ValueError(f"checkpoint{where} does not fit this run's model: {'; '.join(differences)}: {advice}")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add ``checkpoint["diffpir_prior"]`` (docs/CONTRACTS.md): the prior description and the EMA (else raw)
         weights on the CPU, written by :func:`~diffpir.priorfile.prior_payload` as exported files are."""
