@@ -586,3 +586,43 @@ def test_the_python_example_in_the_docs_uses_the_configs_settings():
     assert changed, "the config changes no default: the comparison would be empty"
     assert {k: example.get(k) for k in changed} == changed
     assert all(args.get(k, defaults.get(k)) == v for k, v in example.items()), example
+
+
+def test_batch_invariant_runs_see_the_live_kernel_updates():
+    """The sampler's batch_invariant mode splits the batch into per-image operators; the kernel refinements write into
+    the live kernel in place, and every per-image operator must see them (a copy once kept the stale kernel: the two
+    modes then differed by 0.16)."""
+    from diffpir.analytic import GaussianPrior
+    from diffpir.methods.blind import _LiveBlur
+    from diffpir.operators import gaussian_kernel
+    from diffpir.sampler import DiffPIR
+    from diffpir.schedule import NoiseSchedule
+
+    f = torch.fft.fftfreq(32, dtype=torch.float64)
+    schedule = NoiseSchedule.linear()
+    prior = GaussianPrior(0.05 / (f[:, None] ** 2 + f[None, :] ** 2 + 0.01) / 32, schedule)
+    x = ((prior.sample(2, 1, torch.Generator().manual_seed(1)) + 1) / 2).float()
+    true_kernel = gaussian_kernel(9, 2.0)
+    y = Blur(true_kernel)(x) + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    delta = torch.zeros(2, 9, 9)
+    delta[:, 4, 4] = 1
+    out = {}
+    for invariant in (False, True):
+        live = _LiveBlur(delta.clone(), normalize=False)
+
+        def refine(state, live=live):  # what BlindDiffPIR's refinement does: a new kernel, in place
+            if state.index == 0:
+                live.kernel.copy_(true_kernel.expand(2, 9, 9))
+
+        sampler = DiffPIR(schedule, steps=20, t_start=400, init="measurement", batch_invariant=invariant)
+        gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+        out[invariant] = sampler(y, live, prior, sigma_n=0.01, generator=gens, callback=refine)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
+    stale = DiffPIR(schedule, steps=20, t_start=400, init="measurement")(
+        y,
+        Blur(delta),
+        prior,
+        sigma_n=0.01,
+        generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)],
+    )
+    assert float((out[True] - stale).abs().max()) > 0.05  # the update reached the per-image operators

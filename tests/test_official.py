@@ -210,3 +210,29 @@ def test_downsample_official_start_is_shift_pixel_of_the_bicubic_upsampling():
     expected = np.stack([np.interp(pos, np.arange(n), rows[i]) for i in range(n)])
     assert not noisy and float(up.min()) < 0  # not clamped
     np.testing.assert_allclose(start[0, 0].numpy(), expected, atol=1e-12)
+
+
+def test_downsample_first_guess_lies_on_its_sampling_grid():
+    """Downsample keeps the top-left sample of every s x s block, so its bicubic first guess (the classical SR
+    baseline, DPIR's and DiffPIR's start) is shift_pixel's, as the official scripts take it (clamped); Bicubic's
+    centred samples keep the centred upsampling. On a smooth image the shift is worth dB."""
+    from diffpir.methods.classical import gaussian_smooth
+    from diffpir.operators import Bicubic, Downsample
+
+    x = gaussian_smooth(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 3.0)
+    x = (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True))
+
+    def psnr(a):
+        return float(-10 * torch.log10((a.clamp(0, 1) - x).square().mean()))
+
+    op = Downsample(4, gaussian_kernel(17, 2.5).double())
+    y = op(x)
+    start, _ = op.official_start(y)
+    torch.testing.assert_close(op.initial_estimate(y), start.clamp(0, 1))
+    centred = F.interpolate(y, scale_factor=4, mode="bicubic", align_corners=False)
+    assert psnr(op.initial_estimate(y)) > psnr(centred) + 2.0
+    yb = Bicubic(4)(x)
+    assert (
+        psnr(Bicubic(4).initial_estimate(yb))
+        > psnr(Downsample(4, gaussian_kernel(17, 2.5).double()).initial_estimate(yb)) + 2.0
+    )

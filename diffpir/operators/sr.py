@@ -177,6 +177,11 @@ class Downsample(_Downscaling, KernelOperator):
 
         return prox
 
+    def initial_estimate(self, y: Tensor) -> Tensor:
+        """Bicubic upsampling of ``y`` by ``s`` moved onto this operator's top-left sampling grid (``shift_pixel``,
+        as the official scripts do), clamped to [0, 1]: the centred upsampling lies ``(s - 1) / 2`` pixels off."""
+        return _shift_pixel(_upsample_bicubic(y, self.scale), self.scale).clamp(0, 1)
+
     def official_start(self, y: Tensor) -> tuple[Tensor, bool]:
         """The official start (``main_ddpir_sisr.py`` with ``classical_degradation``): the unclamped bicubic
         upsampling shifted onto the top-left sampling grid (``shift_pixel``), taken as clean."""
