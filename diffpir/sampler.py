@@ -128,7 +128,7 @@ class DiffPIR:
         lambda_: weight of the data term, ``rho_t = lambda_ * max(sigma_n, 0.001)^2 / sigma_bar_t^2``.
         zeta: share of fresh noise when re-noising (0: deterministic/DDIM-like, 1: all fresh noise).
         skip: ``"quad"`` (finer steps near t = 0, the official default) or ``"uniform"``.
-        t_start: first timestep; below ``T - 1`` the start is ``y``'s initial estimate diffused to ``t_start``.
+        t_start: first timestep (None: ``T - 1``); below it the start that ``init`` names is diffused to ``t_start``.
         eta: DDIM stochasticity of the deterministic part (official ``eta``; 0 by default).
         guidance_scale: ``x0_hat <- x0_pred + s (x0_hat - x0_pred)`` (official ``guidance_scale``; 1 = plain).
         clip_denoised: clip ``x0_pred`` to [-1, 1] as the official code does.

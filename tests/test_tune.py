@@ -89,6 +89,20 @@ def test_a_typo_in_the_config_fails_as_in_the_restoration_cli(tmp_path, capsys):
     assert not (tmp_path / "x.yaml").exists()
 
 
+def test_configs_of_other_methods_are_refused(tmp_path, capsys):
+    """DiffPIR's lambda_ and zeta for a known operator only: tuning them on blind deblurring's identity stand-in (or
+    for DPS) would write numbers that mean nothing there."""
+    cases = [
+        (["--config", str(CONFIGS / "deblur_blind.yaml")], "runs blind deblurring"),
+        (["--config", str(CONFIGS / "denoise.yaml"), "--set", "model.method.class_path=diffpir.methods.DPS"], "DPS"),
+    ]
+    for args, says in cases:
+        with pytest.raises(SystemExit) as info:
+            run([*args, "--out", str(tmp_path / "x.yaml")])
+        assert info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_default_grid_spans_the_documented_ranges():
     assert DEFAULT_LAMBDAS[0] == 1.0 and DEFAULT_LAMBDAS[-1] == 50.0 and len(DEFAULT_LAMBDAS) == 8
     assert np.allclose(np.diff(np.log(DEFAULT_LAMBDAS)), np.log(50) / 7, rtol=0.01)

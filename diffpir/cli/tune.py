@@ -239,19 +239,24 @@ def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="diffpir-tune", description=__doc__.splitlines()[0], default_env=False)
     p.add_argument("--config", required=True, help="the task's restoration config (configs/restore/<task>.yaml)")
     p.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
-    p.add_argument("--prior", default=None, help="prior file or bundled name (default: the config's model.prior)")
-    p.add_argument("--images", default=None, help="validation images (default: config's data.images or samples)")
+    p.add_argument("--prior", default=None, help="prior file or bundled name (null: the config's model.prior)")
+    p.add_argument("--images", default=None, help="validation images (null: the config's data.images or the samples)")
     p.add_argument("--limit", type=int, default=3, help="validation images to use")
     p.add_argument("--crop", type=int, default=None, help="centre-crop the images to at most CROP px")
     p.add_argument("--sigma-n", type=float, default=None, help="noise level to tune for (sets data.degradation)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (sets model.method.init_args.steps)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
-    p.add_argument("--zetas", type=float, nargs="+", default=list(DEFAULT_ZETAS))
-    p.add_argument("--search", choices=["coordinate", "grid"], default="coordinate")
-    p.add_argument("--objective", choices=["psnr", "lpips"], default="psnr")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the config's model.seed)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="lambda_ values to try")
+    p.add_argument("--zetas", type=float, nargs="+", default=list(DEFAULT_ZETAS), help="zeta values to try")
+    p.add_argument(
+        "--search",
+        choices=["coordinate", "grid"],
+        default="coordinate",
+        help="coordinate: alternate the best lambda_ and the best zeta until neither moves; grid: every pair",
+    )
+    p.add_argument("--objective", choices=["psnr", "lpips"], default="psnr", help="maximise PSNR or minimise LPIPS")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (null: the config's model.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the prior and the runs (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
 
@@ -277,6 +282,14 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     if args.steps is not None:
         _set(config, f"model.method.init_args.steps={args.steps}")
     model = config.get("model") or {}
+    method = model.get("method") or {}
+    kind = str(method.get("class_path", "DiffPIRMethod") if isinstance(method, dict) else method).rsplit(".", 1)[-1]
+    task = ((config.get("data") or {}).get("degradation") or {}).get("task")
+    if kind != "DiffPIRMethod" or task == "deblur_blind":
+        _parser().error(
+            f"diffpir-tune tunes DiffPIR's lambda_ and zeta for a known operator; {args.config} runs "
+            f"{'blind deblurring' if task == 'deblur_blind' else kind}: tune that by hand (docs/restoration.md)"
+        )
     prior_ref = args.prior if args.prior is not None else model.get("prior", "natural")
     check_config(config, str(prior_ref))
     device = torch.device(args.device)

@@ -83,9 +83,11 @@ class RestorationModule(L.LightningModule):
             images smaller than 32 px get none (the backbones pool them away).
         lpips_net: LPIPS backbone, ``"vgg"`` (the paper's) or ``"alex"``.
         show_steps: a tqdm progress bar over the sampler steps of each batch (rank 0).
-        tile_size, tile_overlap, tile_batch: images with a side above ``tile_size`` run the prior on overlapping
-            tiles (:class:`~diffpir.tiling.TiledPrior`; at most the training size for attention nets), so the
-            network's memory stays bounded; the data step still sees the whole image. None or 0: never tile.
+        tile_size: images with a side above ``tile_size`` run the prior on overlapping tiles
+            (:class:`~diffpir.tiling.TiledPrior`; at most the training size for attention nets), so the network's
+            memory stays bounded; the data step still sees the whole image. None or 0: never tile.
+        tile_overlap: least overlap of neighbouring tiles in pixels (blended across it).
+        tile_batch: tiles per network call.
 
     ``predict_step`` returns one dict per restored image: ``key``, ``restored`` ``[C, H, W]`` in [0, 1] (CPU),
     ``degraded`` (``y``, CPU), ``truth`` (or None), ``metrics`` (``psnr``, ``ssim`` and ``lpips`` when known) and

@@ -314,8 +314,9 @@ def _upsample_to(y: Tensor, h: int, w: int) -> Tensor:
 
 
 class RestorationWriter(BasePredictionWriter):
-    """Writes what :class:`~diffpir.restoration.RestorationModule` predicts, batch by batch (see the module
-    docstring for the layout).
+    """Writes what :class:`~diffpir.restoration.RestorationModule` predicts, batch by batch.
+
+    The folder's layout, resume and settings rules: the module docstring.
 
     Args:
         output_dir: where everything goes.

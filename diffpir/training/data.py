@@ -257,8 +257,9 @@ class ResumableDataLoader(DataLoader):
 
 
 class ImageFolderDataModule(LightningDataModule):
-    """Training and validation crops from a folder of images (recursive; the file types of
-    :data:`diffpir.io.IMAGE_SUFFIXES`, :data:`IMAGE_KINDS`).
+    """Training and validation crops from a folder of images.
+
+    The folder is searched recursively for the file types of :data:`diffpir.io.IMAGE_SUFFIXES` (:data:`IMAGE_KINDS`).
 
     Args:
         data_dir: folder of training images (searched recursively).
