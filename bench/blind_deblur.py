@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=ROOT / "data", help="the prepared data folder")
     p.add_argument("--size", type=int, default=128, help="crop size (px)")
     p.add_argument("--crops", type=int, default=4, help="crops per photo (corners first, then the centre)")
-    p.add_argument("--steps", type=int, default=None, help="NFEs (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="steps per pass (NFEs = steps x passes; default: config)")
     p.add_argument("--method-args", default="{}", help="JSON overriding BlindDiffPIR's settings")
     p.add_argument("--no-nonblind", action="store_true", help="skip non-blind DiffPIR (the slowest reference)")
     p.add_argument("--seed", type=int, default=0, help="seeds the kernels and noise with each crop's key")

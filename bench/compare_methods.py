@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batches = load_batches(config, files, None, args.size, prior.in_channels, args.batch_size)
         truth = [b.x for b in batches]
         for name in args.methods:
+            if name == "blind_diffpir" and not task.startswith("deblur"):
+                notes.append("blind_diffpir runs on the deblurring tasks only (it estimates a blur kernel).")
+                continue
             if name == "dpir_ffdnet":
                 from diffpir.methods import ffdnet_available
 
@@ -256,6 +259,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"  ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
+        _write(args, summary, per_image, notes, n_img, device)  # after each task: a crash later keeps these rows
+    print(f"wrote {args.out.with_suffix('.csv')}, {args.out}_images.csv and {args.out.with_suffix('.md')}")
+    return summary
+
+
+def _write(args: argparse.Namespace, summary: list[dict], per_image: list[dict], notes: list[str], n_img: int,
+           device: torch.device) -> None:  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, table in ((args.out.with_suffix(".csv"), summary), (Path(f"{args.out}_images.csv"), per_image)):
         write_csv(path, table)
@@ -269,8 +279,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "date": time.strftime("%Y-%m-%d"),
     }
     write_markdown(args.out.with_suffix(".md"), summary, header, list(dict.fromkeys(notes)))
-    print(f"wrote {args.out.with_suffix('.csv')}, {args.out}_images.csv and {args.out.with_suffix('.md')}")
-    return summary
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Each configuration runs the whole ``Trainer.predict`` pipeline of a real-mode re
 restore it, write the PNG) in its own subprocess, so its peak memory (max RSS from ``resource.getrusage``) is its
 own. The photo is a bundled 256 x 256 sample upscaled (bicubic) to ``--size``, blurred as in the paper's Gaussian
 deblurring (61 x 61, std 3, circular) with noise sigma_n 0.05 and saved as an 8-bit PNG; the parent process computes
-the PSNR of each restoration against the clean photo. (Real mode, because benchmark mode computes SSIM, whose
-torchmetrics implementation needs about 4 KB per pixel: 16 GB at 2048 x 2048.)
+the PSNR of each restoration against the clean photo. (Real mode: benchmark mode also computes SSIM, in strips of rows
+since 2026-12 (about 1 GB at 2048 x 2048, but slow there), which would blur the memory figures.)
 
 The prior is ``--prior``, else the bundled ``natural`` prior when ``diffpir/assets/priors/natural.safetensors``
 exists, else the ``--preset`` UNet with seeded random weights (memory and time do not depend on the weights; they are
@@ -18,7 +18,8 @@ drawn at a small scale, as in the tests, so that eps is not zero: the UNet's out
 
 When both run, the two restorations are compared (PSNR of tiled against untiled, uint8 PNGs).
 
-    python bench/large_image_memory.py                         # 2048 px, 2 steps, small preset, 1 thread
+    python bench/large_image_memory.py                         # 2048 px, 2 steps, 1 thread, the bundled prior
+    python bench/large_image_memory.py --prior none            # ... the small preset with random weights (the docs')
     python bench/large_image_memory.py --steps 2 --budget-gb 4
 
 Results: ``bench/results/large_image_memory.json``.
@@ -48,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=2048, help="image side in pixels")
     p.add_argument("--steps", type=int, default=2, help="sampler steps (NFEs)")
     p.add_argument("--preset", default="small", help="UNet preset when the natural prior is not bundled")
-    p.add_argument("--prior", default=None, help="a prior file or bundled name (default: natural if bundled)")
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="prior file or name (default: natural if bundled; none: --preset with random weights)",
+    )
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--tile-batch", type=int, default=4)
@@ -111,7 +116,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.prior or NATURAL.is_file():
+    if args.prior != "none" and (args.prior or NATURAL.is_file()):
         prior, prior_name = load_prior(args.prior or NATURAL), str(args.prior or "natural (bundled)")
     else:
         net = build_unet(args.preset)

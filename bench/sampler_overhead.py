@@ -116,6 +116,9 @@ def main() -> None:
 
     rows = []
     all_tasks = tasks(args.size, g)
+    unknown = sorted(set(args.tasks or []) - set(all_tasks))
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; choose from {sorted(all_tasks)}")
     for name in args.tasks or list(all_tasks):
         op, sigma_n = all_tasks[name]
         y = op(x) + sigma_n * torch.randn(op(x).shape, generator=g)

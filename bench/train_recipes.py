@@ -489,7 +489,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--restore-count", type=int, default=128, help="evaluation digits restored per task")
     ap.add_argument("--data", type=Path, default=Path("data/digits"))
     ap.add_argument(
-        "--out", type=Path, default=None, help="results path without suffix (default bench/results/train_recipes[_val])"
+        "--out",
+        type=Path,
+        default=None,
+        help="results path without suffix (default bench/results/train_recipes[_val]); --throughput writes "
+        "train_throughput_cpu.json in its folder",
     )
     ap.add_argument("--plot", action="store_true", help="also docs/figures/train_recipes.png (samples per recipe)")
     ap.add_argument("--priors", nargs="+", help="score these trained priors (names or files) instead of training")
@@ -513,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.throughput:
         res = throughput(args)
-        out = args.out.with_name("train_throughput_cpu.json")
+        out = args.out.with_name("train_throughput_cpu.json")  # beside --out (its folder), under this fixed name
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": platform.machine(), "threads": args.threads, "variants": res}, indent=1))
         print(f"wrote {out}")
         return

@@ -24,7 +24,17 @@ from diffpir.schedule import NoiseSchedule
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import QUIET, default_init, quiet_trainer  # noqa: E402
 
-__all__ = ["Malicious", "QUIET", "default_init", "export_tiny_prior", "make_tiny_prior", "quiet_trainer", "tiny_unet"]
+__all__ = [
+    "Malicious",
+    "QUIET",
+    "default_init",
+    "export_live_tiny_prior",
+    "export_tiny_prior",
+    "live_tiny_unet",
+    "make_tiny_prior",
+    "quiet_trainer",
+    "tiny_unet",
+]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
@@ -42,6 +52,28 @@ def make_tiny_prior(seed: int = 0, **overrides) -> Prior:
 def export_tiny_prior(folder: Path, seed: int = 0, **overrides) -> Path:
     """:func:`make_tiny_prior` exported to ``folder/tiny.safetensors``; returns the file's path."""
     return export_prior(make_tiny_prior(seed, **overrides), None, Path(folder) / "tiny.safetensors")
+
+
+def live_tiny_unet(seed: int = 0, **overrides) -> nn.Module:
+    """:func:`tiny_unet` with the layers the UNet zero-initialises (the output head, the residual blocks' last
+    convolutions) drawn too, from a generator seeded ``seed + 1``: a network whose eps depends on its input (the
+    plain tiny net outputs 0 for any input), for tests whose claim needs a non-trivial network (batch and process
+    invariance)."""
+    import torch
+
+    net = tiny_unet(seed, **overrides)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (0.3 / m.weight[0].numel() ** 0.5))
+    return net
+
+
+def export_live_tiny_prior(folder: Path, seed: int = 0, **overrides) -> Path:
+    """:func:`live_tiny_unet` exported to ``folder/live.safetensors``; returns the file's path."""
+    prior = Prior(live_tiny_unet(seed, **overrides), NoiseSchedule.linear())
+    return export_prior(prior, None, Path(folder) / "live.safetensors")
 
 
 class Malicious:
@@ -64,3 +96,9 @@ def tiny_prior() -> Prior:
 def prior_file(tmp_path_factory) -> Path:
     """The tiny prior of seed 0 exported once per session (read it, do not write over it)."""
     return export_tiny_prior(tmp_path_factory.mktemp("prior"))
+
+
+@pytest.fixture(scope="session")
+def live_prior_file(tmp_path_factory) -> Path:
+    """:func:`export_live_tiny_prior` of seed 0, once per session: eps depends on the input."""
+    return export_live_tiny_prior(tmp_path_factory.mktemp("live_prior"))

@@ -1,10 +1,13 @@
 """Reliability of ``diffpir-train``: unreadable training files are reported by name, skipped and counted while
 16-bit, palette, grey and RGBA images are converted; config mistakes name the key; checkpoints and init files that
 carry code are refused before anything runs; a run killed with SIGKILL resumes with ``--ckpt_path last`` exactly
-where its last checkpoint left it (global step, EMA, optimizer). Tiny nets, 16 px crops, CPU."""
+where its last checkpoint left it (global step, EMA, optimizer); a stop (SIGTERM, Ctrl-C) rewrites ``last.ckpt`` only,
+with a whole step that resumes exactly; a run refused before its first batch leaves no run folder behind. Tiny nets,
+16 px crops, CPU."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Malicious, quiet_trainer
+from conftest import Malicious, quiet_trainer, tiny_unet
+from lightning.pytorch import Callback
 from PIL import Image
 
 from diffpir.cli.train import main as cli_main
@@ -253,3 +257,247 @@ def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch, 
         for k, v in opt_a[p].items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_b[p][k])), (p, k)
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIGTERM / Ctrl-C: the stop save rewrites last.ckpt only, at a step boundary
+# ---------------------------------------------------------------------------------------------------------
+NATURAL = SMOKE.parent / "natural.yaml"
+
+
+def _natural_args(data: Path, max_steps: int) -> list[str]:
+    """natural.yaml (``save_on_exception``, ``step*.ckpt`` every 1000 steps) on the tiny net, a few 16 px crops."""
+    return ["fit", "--config", str(NATURAL), "--data.data_dir", str(data), "--data.val_dir", "null"] + [
+        *("--data.val_fraction", "0.25", "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu"),
+        *("--model.net.init_args.preset_or_config", "tiny", "--data.crop_size", "16", "--data.batch_size", "4"),
+        *("--data.patches_per_image", "2", "--trainer.max_steps", str(max_steps)),
+    ]
+
+
+def _ckpt_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():  # the network and its EMA (with its update count)
+        assert torch.equal(v, b["state_dict"][k]), k
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for p in opt_a:
+        for k, v in opt_a[p].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_b[p][k])), (p, k)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_only_between_steps_and_the_resume_continues_exactly(tmp_path, monkeypatch, one_thread):
+    """``kill PID`` of a natural.yaml run: the stop save rewrites ``last.ckpt`` (no ``epoch=E-step=S.ckpt`` besides it,
+    one per stop, as Lightning's ModelCheckpoint wrote), holds the state of a whole step (the same as a run that
+    stopped there; the exit-at-once SIGTERM handler could stop in the middle of the optimizer's update), the status is
+    143, and ``--ckpt_path last`` continues from that step as if never stopped."""
+    data = _good_images(tmp_path / "data", 6)
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    stopped.mkdir()
+    folder = stopped / "runs" / "natural" / "checkpoints"
+    log = tmp_path / "stopped.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffpir.cli.train", *_natural_args(data, 100_000)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=stopped, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 180
+        while "step 50 " not in log.read_text(errors="replace"):  # ProgressLogCallback's line at step 50
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "no step 50"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert "diffpir-train: stopped by SIGTERM" in text and "Traceback" not in text
+    last = folder / "last.ckpt"
+    step = _step_of(last)
+    snapshots = [f"step{s:07d}.ckpt" for s in range(1000, step + 1, 1000)]  # natural.yaml's, every 1000 steps
+    assert _ckpt_files(folder) == sorted(["last.ckpt", *snapshots])
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert progress["started"] == progress["processed"] == step  # not in the middle of a step
+
+    straight.mkdir()
+    monkeypatch.chdir(straight)
+    cli_main(_natural_args(data, step))
+    _assert_same_state(ckpt, torch.load(straight / "runs" / "natural" / "checkpoints" / "last.ckpt", weights_only=True))
+
+    steps: list[int] = []
+    original = DiffusionModule.training_step
+
+    def counting(self, batch, batch_idx):
+        steps.append(int(self.global_step))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", counting)
+    monkeypatch.chdir(stopped)
+    cli_main([*_natural_args(data, step + 3), "--ckpt_path", "last"])
+    assert steps == list(range(step, step + 3))
+    assert _ckpt_files(folder) == sorted(["last.ckpt", *snapshots])
+    monkeypatch.setattr(DiffusionModule, "training_step", original)
+    monkeypatch.chdir(straight)  # a run never stopped (a resume of the one above would start a new epoch)
+    cli_main([*_natural_args(data, step + 3), "--trainer.logger.init_args.name", "longer"])
+    a = torch.load(last, map_location="cpu", weights_only=True)
+    b = torch.load(straight / "runs" / "longer" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == step + 3
+    _assert_same_state(a, b)
+
+
+class StopAt(Callback):
+    """Raises ``error`` (``KeyboardInterrupt``: Ctrl-C; ``ValueError``: a failure) at the end of step ``step``, or
+    in ``setup`` (``step: -1``, after writing ``stray`` into the run's log folder when given)."""
+
+    def __init__(self, step: int = 3, error: str = "KeyboardInterrupt", stray: str | None = None):
+        self.step, self.error, self.stray = step, error, stray
+
+    def _raise(self):
+        raise {"KeyboardInterrupt": KeyboardInterrupt, "ValueError": ValueError}[self.error]("stopped by StopAt")
+
+    def setup(self, trainer, pl_module, stage):
+        if self.step < 0:
+            if self.stray:
+                Path(trainer.log_dir, self.stray).parent.mkdir(parents=True, exist_ok=True)
+                Path(trainer.log_dir, self.stray).write_text("the user's\n")
+            self._raise()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self._raise()
+
+
+class RequestStop(Callback):
+    """Does what Lightning's SIGTERM handler does (records the signal) during the step that reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            trainer._signal_connector.received_sigterm = True
+
+
+@pytest.mark.parametrize("stop", [4, 6], ids=["mid_epoch", "last_batch_of_an_epoch"])
+def test_a_sigterm_stop_saves_a_whole_step_that_resumes_exactly(tmp_path, stop):
+    """The stop after SIGTERM (3 steps an epoch: step 4 in the middle of an epoch, step 6 its last batch) saves
+    ``last.ckpt`` only, and resuming it gives bitwise the run that never stopped. (After the last batch of an epoch,
+    Lightning stopped after the epoch's end and saved a state whose resume cut the next epoch short.)"""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from diffpir.training import ModelCheckpoint
+
+    data = _good_images(tmp_path / "data", 6)
+
+    def fit(folder: Path, max_steps: int, *callbacks, ckpt_path=None) -> None:
+        saver = ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True, save_on_exception=True)
+        dm = ImageFolderDataModule(str(data), val_fraction=0, crop_size=16, batch_size=4, patches_per_image=2)
+        module = DiffusionModule(tiny_unet(0), warmup_steps=2, ema_decay=0.9)
+        trainer = quiet_trainer(
+            max_steps=max_steps,
+            max_epochs=-1,
+            limit_val_batches=0,
+            callbacks=[saver, *callbacks],
+            enable_checkpointing=True,
+        )
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    with pytest.raises(SIGTERMException):
+        fit(stopped, 100, RequestStop(stop))
+    assert _ckpt_files(stopped) == ["last.ckpt"] and _step_of(stopped / "last.ckpt") == stop
+    fit(stopped, stop + 4, ckpt_path="last")
+    assert _ckpt_files(stopped) == ["last.ckpt"]
+    fit(straight, stop + 4)
+    a = torch.load(stopped / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(straight / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == stop + 4
+    _assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("save_last", [True, False])
+def test_ctrl_c_save_rewrites_last_only(tmp_path, save_last):
+    """Ctrl-C (KeyboardInterrupt) with ``save_on_exception``: ``last.ckpt`` at the stop step, nothing else, so stops
+    and resumes over many sittings do not pile up full checkpoints; without ``save_last`` the stop save is Lightning's
+    step-numbered file (there is nothing else to write to)."""
+    from diffpir.training import ModelCheckpoint
+
+    data = _good_images(tmp_path / "data", 6)
+    dm = ImageFolderDataModule(str(data), val_fraction=0, crop_size=16, batch_size=4, patches_per_image=2)
+    folder = tmp_path / "ckpts"
+    for sitting, stop in enumerate((3, 5)):
+        saver = ModelCheckpoint(
+            dirpath=folder, save_top_k=0, save_last=save_last, save_on_exception=True, train_time_interval=None
+        )
+        module = DiffusionModule(build_unet("tiny"), warmup_steps=0, ema_decay=0.9)
+        trainer = quiet_trainer(
+            max_steps=100, limit_val_batches=0, callbacks=[saver, StopAt(stop)], enable_checkpointing=True
+        )
+        with pytest.raises(SystemExit):  # Lightning: Ctrl-C saves (on_exception), then exits with status 1
+            trainer.fit(module, dm, ckpt_path="last" if sitting and save_last else None)
+    if save_last:
+        assert _ckpt_files(folder) == ["last.ckpt"] and _step_of(folder / "last.ckpt") == 5
+    else:
+        assert _ckpt_files(folder) == ["epoch=0-step=3.ckpt", "epoch=1-step=5.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A refused run leaves nothing behind
+# ---------------------------------------------------------------------------------------------------------
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+def test_a_run_refused_before_its_first_step_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """A run that fails before its first batch (a checkpoint refused at load time, a missing validation folder,
+    Ctrl-C in the set-up) leaves no ``runs/<name>/version_N`` (TensorBoard's folder, made in the set-up) behind, and
+    no ``runs/<name>`` or ``runs`` it created; an earlier run's folders are left as they were."""
+    monkeypatch.chdir(tmp_path)
+    data = _good_images(tmp_path / "data")
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "x": Malicious(str(tmp_path / "pwned"))}, evil)
+    fit = ["fit", "--config", str(SMOKE), "--data.data_dir", str(data), "--data.crop_size", "16"]
+    stop_in_setup = '--trainer.callbacks+={"class_path": "test_reliability_train.StopAt", "init_args": {"step": -1}}'
+    refused = [["--data.val_dir", str(tmp_path / "nothere")], [stop_in_setup]]
+    for extra in [["--ckpt_path", str(evil)], *refused]:
+        with pytest.raises(SystemExit) as info:
+            cli_main([*fit, *extra])
+        assert info.value.code == 1, (extra, capsys.readouterr().err[-800:])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "evil.ckpt"], extra
+    with pytest.raises(SystemExit):
+        cli_main(["validate", *fit[1:], "--ckpt_path", str(evil)])
+    assert not (tmp_path / "runs").exists()
+
+    cli_main([*fit, "--trainer.max_steps", "2"])  # a run, then refused resumes of it
+    before = _tree(tmp_path / "runs")
+    assert "smoke/version_0/config.yaml" in before and "smoke/checkpoints/last.ckpt" in before
+    for extra in [["--ckpt_path", str(evil)], *(["--ckpt_path", "last", *e] for e in refused)]:
+        with pytest.raises(SystemExit):
+            cli_main([*fit, "--trainer.max_steps", "4", *extra])
+        assert _tree(tmp_path / "runs") == before, extra
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("case", ["after_a_step", "stray_file"])
+def test_a_failed_run_keeps_its_logs_and_anything_it_did_not_write(tmp_path, monkeypatch, case):
+    """Only a folder the failed run made and that holds nothing but what the run wrote before its first batch is
+    removed: a run that failed after a step keeps its logs; a file the run does not write keeps its folder."""
+    monkeypatch.chdir(tmp_path)
+    args = {"after_a_step": {"step": 1, "error": "ValueError"}, "stray_file": {"step": -1, "stray": "notes/mine.txt"}}
+    stop = {"class_path": "test_reliability_train.StopAt", "init_args": args[case]}
+    fit = ["fit", "--config", str(SMOKE), "--data.data_dir", str(_good_images(tmp_path / "data"))]
+    with pytest.raises((SystemExit, ValueError)):
+        cli_main([*fit, "--data.crop_size", "16", f"--trainer.callbacks+={json.dumps(stop)}"])
+    version = tmp_path / "runs" / "smoke" / "version_0"
+    if case == "after_a_step":
+        assert list(version.glob("events.out.tfevents.*")) and (version / "config.yaml").is_file()
+    else:
+        assert (version / "notes" / "mine.txt").read_text() == "the user's\n"

@@ -21,16 +21,22 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import signal
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffpir.checkpoints import check_ckpt_args, disable_remote_configs, file_kind, guard_checkpoint_loading
 from diffpir.cli.common import (
@@ -39,6 +45,7 @@ from diffpir.cli.common import (
     quiet_console,
     report_error,
     set_child_processes,
+    stop_gracefully_on_sigterm,
 )
 from diffpir.training.data import ImageFolderDataModule
 from diffpir.training.module import DiffusionModule
@@ -88,6 +95,7 @@ class DiffpirCLI(LightningCLI):
         trainer = guard_checkpoint_loading(super().instantiate_trainer(**kwargs))
         watch_launched_processes(trainer)
         checkpoints_follow_logger(trainer)
+        trainer.callbacks.append(BatchStarted())
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -98,6 +106,19 @@ class DiffpirCLI(LightningCLI):
 
     def before_fit(self) -> None:
         refuse_to_overwrite(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        # SIGTERM: Lightning records it and stops between two steps (SIGTERMException), and a
+        # ModelCheckpoint(save_on_exception) saves a whole step. The watchdog's exit-at-once handler would raise
+        # SystemExit wherever the main thread is, e.g. half-way through the optimizer's update of the weights or
+        # before the EMA's, and the checkpoint saved then would not be the state of any step.
+        stop_gracefully_on_sigterm()
+
+    def fit(self, **kwargs: Any) -> None:
+        with remove_unused_run_folders(self.trainer):
+            self.trainer.fit(**kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        with remove_unused_run_folders(self.trainer):
+            self.trainer.validate(**kwargs)
 
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -134,6 +155,74 @@ def checkpoints_follow_logger(trainer: Trainer) -> None:
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "dirpath", None) is None:
             cb.dirpath = str(folder)
+
+
+class BatchStarted(Callback):
+    """Records whether the run got as far as a training or validation batch (for :func:`remove_unused_run_folders`)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.started = True
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.started = True
+
+
+# What a run writes into its new log folder before its first batch, besides the SummaryWriter's event file (named
+# with the process id, see _remove_unused): LightningCLI's config.yaml, the logger's hparams.yaml.
+_UNUSED_RUN_FILES = ("config.yaml", "hparams.yaml")
+
+
+@contextmanager
+def remove_unused_run_folders(trainer: Trainer) -> Iterator[None]:
+    """A run that fails or is stopped before its first batch (a refused ``--ckpt_path``, a missing ``--data.val_dir``,
+    Ctrl-C during set-up) leaves nothing new behind: the logger's version folder (``runs/<name>/version_N``) that it
+    created is removed, with its checkpoint folder and the folders above them, when they hold nothing but what the
+    run itself wrote before any batch (its own TensorBoard event file, config.yaml, hparams.yaml).
+
+    Never a folder that existed before the run, nor one holding anything else, nor after a batch has started (its
+    logs and checkpoints are kept). Only where the run's rank zero runs in this process (one device, or DDP
+    launched as subprocesses): with ``ddp_spawn`` this process cannot tell whether a batch ran."""
+    watch = next((cb for cb in trainer.callbacks if isinstance(cb, BatchStarted)), None)
+    launcher = trainer.strategy.launcher
+    if (
+        watch is None
+        or not trainer.is_global_zero
+        or not (launcher is None or isinstance(launcher, _SubprocessScriptLauncher))
+    ):
+        yield
+        return
+    log_dirs = [Path(lg.log_dir) for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, CSVLogger))]
+    ckpt_dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    new: list[Path] = []  # folders that do not exist yet, deepest first
+    for folder in (*log_dirs, *ckpt_dirs):
+        while not folder.exists() and folder not in new and folder.parent != folder:
+            new.append(folder)
+            folder = folder.parent
+    new.sort(key=lambda f: len(f.parts), reverse=True)
+    try:
+        yield
+    except BaseException:
+        if not watch.started:
+            _remove_unused(new, log_dirs)
+        raise
+
+
+def _remove_unused(folders: list[Path], log_dirs: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where empty, after removing, in the ``log_dirs`` among them, the files a run
+    writes before its first batch. Anything else stays, and so does every folder above it."""
+    own_events = re.compile(rf"^events\.out\.tfevents\..*\.{os.getpid()}\.\d+$")
+    for folder in folders:
+        try:
+            if folder in log_dirs and not folder.is_symlink() and folder.is_dir():
+                for f in folder.iterdir():
+                    if f.is_file() and not f.is_symlink() and (f.name in _UNUSED_RUN_FILES or own_events.match(f.name)):
+                        f.unlink()
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            continue
 
 
 def refuse_to_overwrite(trainer: Trainer, ckpt_path: str | None) -> None:
@@ -254,6 +343,9 @@ def main(args: Sequence[str] | None = None) -> None:
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     except (ValueError, OSError, pickle.UnpicklingError) as err:  # bad files, refused checkpoints: one line
         report_error("diffpir-train", err)
+    except SIGTERMException:  # Lightning's stop after SIGTERM (SystemExit without a status): 128 + 15 as before
+        print("diffpir-train: stopped by SIGTERM between two training steps", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

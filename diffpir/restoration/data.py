@@ -108,7 +108,9 @@ def _center_crop(x: Tensor, h: int, w: int) -> Tensor:
 class RestorationItem:
     """One image: ``y`` ``[C, h, w]``, ``x`` (truth) ``[C, H, W]`` or None, operator ``params``.
 
-    A failed item has ``error`` (why it cannot be restored) and ``file`` (the input file), and no tensors.
+    A failed item has ``error`` (why it cannot be restored) and ``file`` (the input file), and no tensors. A padding
+    item (``padding``: a rank with no image left, see :meth:`RestorationDataModule.predict_dataloader`) has neither
+    and is dropped by :func:`collate`.
     """
 
     key: str
@@ -118,6 +120,7 @@ class RestorationItem:
     x_size: tuple[int, int]
     file: str = ""
     error: str | None = None
+    padding: bool = False
 
 
 def failed_item(key: str, file: str | Path, error: BaseException | str) -> RestorationItem:
@@ -192,6 +195,7 @@ def collate(items: Sequence[RestorationItem], spec: Degradation) -> list[Restora
     the truths (no metrics for it) rather than failing.
     """
     groups: dict[tuple, list[RestorationItem]] = {}
+    items = [it for it in items if not it.padding]
     failures = [{"key": it.key, "file": it.file, "reason": it.error} for it in items if it.error is not None]
     for it in items:
         if it.error is None:
@@ -213,10 +217,9 @@ def collate(items: Sequence[RestorationItem], spec: Degradation) -> list[Restora
                 x=x,
             )
         )
-    if failures:
-        if not out:
-            out.append(RestorationBatch([], torch.empty(0), None, {}, spec, float(spec.sigma_n)))
-        out[0].failures = failures
+    if not out:  # every item failed (the failures ride on an image-less group), or padding only
+        out.append(RestorationBatch([], torch.empty(0), None, {}, spec, float(spec.sigma_n)))
+    out[0].failures = failures
     return out
 
 
@@ -269,12 +272,16 @@ class RestorationDataset(Dataset):
         self.truth = truth or {}
         self.crop = crop
         self.max_pixels = max_pixels
+        self.padding = 0  # padding items after the images (set by the data module for ranks with no image left)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) + self.padding
 
     def __getitem__(self, i: int) -> RestorationItem:
-        """Item ``i``, or a failed item naming the file and the reason when it cannot be restored."""
+        """Item ``i``, or a failed item naming the file and the reason when it cannot be restored (a padding item
+        past the images)."""
+        if i >= len(self.files):
+            return RestorationItem("", None, None, {}, (0, 0), padding=True)
         try:
             item = self._item(i)
             self._check(item, self.files[i])
@@ -519,8 +526,14 @@ class RestorationDataModule(L.LightningDataModule):
         return list(self._keys)
 
     def predict_dataloader(self) -> DataLoader:
+        """The images left to restore. With fewer of them than processes (a resume of a DDP run, ``data.limit``
+        below the device count), padding items that restore nothing fill up to one per process: Lightning's
+        distributed predict sampler needs one item per rank."""
         if self.dataset is None:
             self.setup("predict")
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        n = len(self.dataset.files)
+        self.dataset.padding = world - n if 0 < n < world else 0
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

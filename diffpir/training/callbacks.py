@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -188,17 +189,40 @@ class ProgressLogCallback(Callback):
 
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (same arguments) that also saves
-    ``last.ckpt`` when training ends at a step it has not saved yet.
+    ``last.ckpt`` when training ends at a step it has not saved yet, and whose save on a stop (``save_on_exception``:
+    Ctrl-C, SIGTERM, an error) rewrites ``last.ckpt`` only.
 
     Lightning's own saves ``last`` at the end of training only if it never saved ``last`` during the run, so with
     ``train_time_interval`` a run that reaches ``max_steps`` keeps the checkpoint of up to one interval earlier and
-    loses the steps since (for a cooldown, the end of its decay)."""
+    loses the steps since (for a cooldown, the end of its decay). And on an exception it writes the same state
+    twice: to ``last.ckpt`` and to a step-numbered ``epoch=E-step=S.ckpt`` that no ``save_top_k`` bookkeeping ever
+    removes, so a run stopped and resumed (``--ckpt_path last``) over many sittings piled up one full checkpoint per
+    stop. With ``save_last: true`` only ``last.ckpt`` is written; without ``save_last`` (nothing else to write to)
+    and with ``save_last: link`` (``last`` is a link to that file) the step-numbered file stays, as in Lightning.
+
+    With ``save_on_exception``, a SIGTERM received during the last batch of an epoch stops the run at the end of that
+    batch (``SIGTERMException``, as Lightning does after the other batches) rather than after the end of the epoch,
+    where Lightning's stop saves a state it does not restore right (the resumed run cuts its next epoch short)."""
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self.save_on_exception and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # rank zero decides (as in Lightning's own check under DDP); every rank gets here at the same batch
+            if trainer.strategy.broadcast(bool(trainer.received_sigterm), src=0):
+                raise SIGTERMException
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.save_last is not True or not self._should_save_on_exception(trainer):
+            super().on_exception(trainer, pl_module, exception)
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(f"{type(exception).__name__} at step {trainer.global_step}: saved {self.last_model_path}")
 
 
 __all__ = ["ModelCheckpoint", "ProgressLogCallback", "SampleGridCallback", "ddim_sample"]
