@@ -71,6 +71,35 @@ def _no_pytest_argv(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Bad training files
 # ---------------------------------------------------------------------------------------------------------
+def _signal_when(proc, ready, sig, what: str, output) -> None:
+    """Send ``sig`` to ``proc`` once ``ready()`` holds (within 180 s; ``output()`` says why when the process ends
+    first) and wait for it to exit; killed if it still runs."""
+    try:
+        deadline = time.monotonic() + 180
+        while not ready():
+            assert proc.poll() is None, output()[-2000:]
+            assert time.monotonic() < deadline, f"no {what}"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _record_training_steps(monkeypatch) -> list[int]:
+    """The global step of every training step taken from now on (DiffusionModule.training_step patched)."""
+    steps: list[int] = []
+    original = DiffusionModule.training_step
+
+    def counting(self, batch, batch_idx):
+        steps.append(int(self.global_step))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", counting)
+    return steps
+
+
 def test_unreadable_files_are_named_skipped_and_counted_converted_ones_used(tmp_path, caplog):
     folder = _mixed_folder(tmp_path / "data")
     dm = ImageFolderDataModule(str(folder), val_fraction=0, crop_size=16, batch_size=4, patches_per_image=1)
@@ -211,30 +240,15 @@ def test_sigkill_then_resume_from_last_continues_exactly(tmp_path, monkeypatch, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "diffpir.cli.train", *_fit_args(data, 10_000)]
     proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not (last.is_file() and _step_of(last) >= 4):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 4"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ready = lambda: last.is_file() and _step_of(last) >= 4  # noqa: E731
+    _signal_when(proc, ready, signal.SIGKILL, "checkpoint at step 4", lambda: proc.stderr.read().decode())
     assert proc.returncode == -signal.SIGKILL
     step = _step_of(last)  # the checkpoint the resumed run continues from
     target = step + 4
 
     # Resume; record the global step of every training step the resumed run takes.
-    steps: list[int] = []
     original = DiffusionModule.training_step
-
-    def counting(self, batch, batch_idx):
-        steps.append(int(self.global_step))
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(DiffusionModule, "training_step", counting)
+    steps = _record_training_steps(monkeypatch)
     monkeypatch.chdir(killed)
     cli_main([*_fit_args(data, target), "--ckpt_path", "last"])
     assert steps == list(range(step, target)), "the resumed run did not continue from the last checkpoint"
@@ -305,17 +319,8 @@ def test_sigterm_saves_last_only_between_steps_and_the_resume_continues_exactly(
     cmd = [sys.executable, "-m", "diffpir.cli.train", *_natural_args(data, 100_000)]
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=stopped, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 180
-        while "step 50 " not in log.read_text(errors="replace"):  # ProgressLogCallback's line at step 50
-            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "no step 50"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    output = lambda: log.read_text(errors="replace")  # noqa: E731
+    _signal_when(proc, lambda: "step 50 " in output(), signal.SIGTERM, "step 50", output)  # ProgressLogCallback's line
     text = log.read_text(errors="replace")
     assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
     assert "diffpir-train: stopped by SIGTERM" in text and "Traceback" not in text
@@ -332,14 +337,8 @@ def test_sigterm_saves_last_only_between_steps_and_the_resume_continues_exactly(
     cli_main(_natural_args(data, step))
     _assert_same_state(ckpt, torch.load(straight / "runs" / "natural" / "checkpoints" / "last.ckpt", weights_only=True))
 
-    steps: list[int] = []
     original = DiffusionModule.training_step
-
-    def counting(self, batch, batch_idx):
-        steps.append(int(self.global_step))
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(DiffusionModule, "training_step", counting)
+    steps = _record_training_steps(monkeypatch)
     monkeypatch.chdir(stopped)
     cli_main([*_natural_args(data, step + 3), "--ckpt_path", "last"])
     assert steps == list(range(step, step + 3))
