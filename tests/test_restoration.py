@@ -497,6 +497,13 @@ def test_trajectory_first_k(prior_file, images, tmp_path):
         TrajectoryLogger(every=0)
 
 
+def test_trajectory_keys_not_in_the_run_warn(prior_file, images, tmp_path):
+    traj = TrajectoryLogger(keys=["img1", "img_1"], every=100)
+    with pytest.warns(UserWarning, match=r"trajectory keys \['img_1'\] are not among the images of this run"):
+        _predict(str(prior_file), images, tmp_path / "out", data_kw={"limit": 2}, callbacks=[traj])
+    assert traj.chosen == {"img1", "img_1"}
+
+
 def test_psnr_is_finite_number(prior_file, images, tmp_path):
     """A guard on the CSV format: numbers parse back as finite floats."""
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ any rank are logged; TensorBoard reads all the files of a folder together.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,15 @@ class TrajectoryLogger(Callback):
         self._module = pl_module
         if self.keys is not None:
             self._chosen = set(self.keys)
+            dm = trainer.datamodule
+            unknown = sorted(self._chosen - set(dm.keys)) if dm is not None and hasattr(dm, "keys") else []
+            if unknown:
+                warnings.warn(
+                    f"trajectory keys {unknown} are not among the images of this run (its keys: "
+                    f"{', '.join(list(dm.keys)[:5])}{', ...' if len(dm.keys) > 5 else ''}): no trajectory is logged "
+                    f"for them; check the spelling (keys are file names without suffix) or data.limit",
+                    stacklevel=2,
+                )
         elif self.first_k > 0:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "keys"):
