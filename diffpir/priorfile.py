@@ -28,6 +28,7 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "export_prior",
     "load_prior",
     "matching_presets",
+    "preset_hint",
     "prior_payload",
     "schedule_from_dict",
     "schedule_to_dict",
@@ -355,6 +357,13 @@ def _read_safetensors(path: Path, map_location: MapLocation) -> tuple[dict[str, 
 
 def _tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def preset_hint(message: str, option: str) -> str:
+    """A :func:`load_prior` message with its Python hint ``preset='x'`` (or a bare ``preset=``) put the way a command
+    line user passes it: ``<option> x`` (``--model.preset`` for ``diffpir-restore``, ``--model.init_preset`` for
+    ``diffpir-train``)."""
+    return re.sub(r"\bpreset=(?:'([^']*)')?", lambda m: f"{option} {m.group(1) or 'NAME'}", message)
 
 
 def load_prior(

@@ -53,6 +53,7 @@ from diffpir.cli.common import (
     report_error,
     stop_gracefully_on_sigterm,
 )
+from diffpir.priorfile import preset_hint
 from diffpir.restoration.data import RestorationDataModule
 from diffpir.restoration.module import RestorationModule, StopRequested
 from diffpir.restoration.tasks import Degradation, check_run
@@ -278,8 +279,8 @@ def main(args: Sequence[str] | None = None) -> None:
         )
         raise SystemExit(143) from None
     except USER_ERRORS as err:
-        if "pass preset=" in str(err):  # load_prior's hint in the command line's words
-            err = ValueError(str(err).replace("pass preset=", "pass --model.preset NAME"))
+        if "preset=" in str(err):  # load_prior's hint in the command line's words
+            err = ValueError(preset_hint(str(err), "--model.preset"))
         report_error("diffpir-restore", err)
         return
     if cli.subcommand == "predict" and (cli.failed or cli.missing):

@@ -50,7 +50,6 @@ from torch import Tensor
 
 from diffpir.methods.base import check_inputs, schedule_of
 from diffpir.methods.diffpir_method import DiffPIRMethod
-from diffpir.operators.base import Operator
 from diffpir.operators.blur import Blur
 from diffpir.operators.fft import psf2otf
 from diffpir.sampler import DataOperator, EpsModel, GeneratorArg, StepState
@@ -467,14 +466,6 @@ class _LiveBlur(Blur):
     def prox_fn(self, y: Tensor) -> Callable[[Tensor, float | Tensor], Tensor]:
         self._check_image(y, "y")
         return lambda z, rho: Blur.prox_fn(self, y)(z, rho)
-
-    def select(self, index: int) -> Operator:
-        """Image ``index``'s operator (the sampler's ``batch_invariant`` runs): a *view* of the live kernel, not a
-        copy, so that it sees the method's in-place updates too (a view shares its base's version counter, which
-        keys the transfer-function cache)."""
-        if self.kernel.shape[0] == 1:
-            return self
-        return self._with_buffer("kernel", self.kernel[index : index + 1])
 
 
 class BlindDiffPIR(DiffPIRMethod):

@@ -118,10 +118,12 @@ class KernelOperator(Operator):
         return otf
 
     def select(self, index: int) -> Operator:
-        """The operator of image ``index`` alone: its own kernel ``[1, kh, kw]`` (a shared kernel: itself)."""
+        """The operator of image ``index`` alone: a view of its kernel ``[1, kh, kw]`` (a shared kernel: itself), so
+        that an in-place update of the batch's kernels (blind deblurring's refinements) reaches it; a view shares the
+        version counter that keys the transfer-function cache."""
         if self.kernel.shape[0] == 1:
             return self
-        return self._with_buffer("kernel", self.kernel[index : index + 1].clone())
+        return self._with_buffer("kernel", self.kernel[index : index + 1])
 
     def _check_fits(self, height: int, width: int) -> None:
         kh, kw = self.kernel.shape[-2:]

@@ -116,7 +116,7 @@ class Inpaint(Operator):
         """The operator of image ``index`` alone: its own mask (a shared mask: itself)."""
         if self.mask.shape[0] == 1:
             return self
-        return self._with_buffer("mask", self.mask[index : index + 1].clone())
+        return self._with_buffer("mask", self.mask[index : index + 1])  # a view, as Operator.select says
 
     def extra_repr(self) -> str:
         return f"mask={tuple(self.mask.shape)}"

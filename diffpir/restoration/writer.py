@@ -366,16 +366,11 @@ class RestorationWriter(BasePredictionWriter):
             return False
         recorded = self._rows[key]
         now = self._input_digest(key) if recorded else None
-        if now is not None and now != recorded:
-            log.info(
-                "%s changed since it was restored into %s: restoring it again", self._input_name(key), self.output_dir
-            )
+        if now is not None and now != recorded:  # a digest implies a data module that knows the file
+            log.info("%s changed since it was restored into %s: restoring it again", self._data.input_file(key),
+                     self.output_dir)  # fmt: skip
             return False
         return True
-
-    def _input_name(self, key: str) -> str:
-        file = self._data.input_file(key) if self._data is not None else None
-        return str(file) if file is not None else key
 
     def _input_digest(self, key: str) -> str | None:
         """SHA-256 of the file image ``key`` is read from (None when unknown: no data module, or a prior file of

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from torchmetrics import MeanMetric
 from diffpir.checkpoints import safe_torch_load
 from diffpir.models import PRESETS, UNet, build_unet
 from diffpir.prior import Prior, eps_denoise
-from diffpir.priorfile import check_unet_config, load_prior, prior_payload, schedule_to_dict
+from diffpir.priorfile import check_unet_config, load_prior, preset_hint, prior_payload, schedule_to_dict
 from diffpir.schedule import NoiseSchedule
 from diffpir.seeding import mix_seed
 from diffpir.training.ema import EMA
@@ -66,12 +65,6 @@ def _describe_schedule(schedule: NoiseSchedule) -> str:
 
 def _same_schedule(a: NoiseSchedule, b: NoiseSchedule) -> bool:
     return a.T == b.T and bool(np.allclose(a.host("betas"), b.host("betas"), rtol=1e-9, atol=1e-12))
-
-
-def _cli_preset_hint(message: str) -> str:
-    """A :func:`~diffpir.priorfile.load_prior` message with its API hint ``preset='x'`` (or a bare ``preset=``) put
-    the way a ``diffpir-train`` user passes it: ``--model.init_preset x``."""
-    return re.sub(r"\bpreset=(?:'([^']*)')?", lambda m: f"--model.init_preset {m.group(1) or 'NAME'}", message)
 
 
 Prediction = Literal["eps", "v"]
@@ -464,7 +457,7 @@ class DiffusionModule(LightningModule):
         try:
             prior = load_prior(source, preset=preset, map_location="cpu")
         except ValueError as err:
-            raise ValueError(_cli_preset_hint(str(err))) from None
+            raise ValueError(preset_hint(str(err), "--model.init_preset")) from None
         self._check_init_prior(source, prior)
         src = getattr(prior, "net", prior)
         state = src.state_dict()
